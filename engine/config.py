@@ -1,0 +1,46 @@
+"""Frozen engine configuration, validated on construction (ValueError naming the field).
+
+Sizes that depend on the model or the device (context length, KV blocks) are resolved by the
+engine at start-up; fields left None here mean "derive it".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # local dir, .gguf file, hub id; None = the embedded default model
+    revision: str | None = None
+    hf_token: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without bf16)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_num_seqs: int = 256  # running sequences at once
+    max_batch_prefill_tokens: int = 4096  # prompt tokens computed per step (chunked beyond)
+    max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens; None: memory budget
+    max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
+    cpu_kv_cache_bytes: int = 2 << 30  # CPU: KV budget when max_batch_total_tokens is None
+    seed: int = 0  # seeds requests that sample without a seed of their own
+    num_threads: int | None = None  # CPU: torch threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_batch_prefill_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_batch_total_tokens", "max_model_len", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")

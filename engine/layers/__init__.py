@@ -1,0 +1,1 @@
+"""Model building blocks written tensor-parallel-ready (vLLM's names), plus paged attention."""

@@ -1,0 +1,46 @@
+"""Vocabulary-parallel token embedding and LM head: each rank holds a contiguous slice of the vocab.
+
+The embedding masks ids outside its slice and all-reduces; the LM head all-gathers its logits slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.vocab_size = vocab_size
+        # Pad so every rank holds the same number of rows; padded rows are never looked up.
+        self.rows_per_rank = -(-vocab_size // self.tp_size)
+        self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        rows = loaded[self.vocab_start : self.vocab_start + self.rows_per_rank]
+        if rows.shape[1] != param.shape[1]:
+            raise ValueError(f"embedding width {rows.shape[1]} != hidden size {param.shape[1]}")
+        param.data[: rows.shape[0]].copy_(rows)
+        param.data[rows.shape[0] :].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows_per_rank)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """[N, hidden] -> [N, vocab_size] logits."""
+        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,124 @@
+"""Linear layers that shard across tensor-parallel ranks, each parameter with its own weight loader.
+
+Column-parallel layers split the output dimension (no communication); row-parallel layers split the
+input dimension and all-reduce the output. Merged (gate/up) and QKV layers pack several checkpoint
+tensors into one matmul; `weight_loader(param, tensor, shard_id)` places each part.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import all_reduce, divide, get_tp_rank, get_tp_size
+
+
+def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+    p.weight_loader = loader  # type: ignore[attr-defined]
+    return p
+
+
+def _copy(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _param((output_size, input_size), self.weight_loader)
+        self.bias = _param((output_size,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        _copy(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's rows (outputs) split across ranks; each rank returns its slice of y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.output_size_per_rank = divide(output_size, self.tp_size, "linear output size")
+        self.weight = _param((self.output_size_per_rank, input_size), self.weight_loader)
+        self.bias = _param((self.output_size_per_rank,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        size = param.shape[0]
+        _copy(param, loaded.narrow(0, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate_proj + up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        _copy(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))  # type: ignore[arg-type]
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul. KV heads fewer than ranks are replicated."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
+        tp = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp, "number of attention heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = divide(num_kv_heads, tp, "number of key/value heads")
+        else:
+            divide(tp, num_kv_heads, "tensor-parallel degree over key/value heads")
+            self.num_kv_heads = 1
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        if shard_id == "q":
+            rank_index = self.tp_rank
+        else:  # with replicated KV heads, ranks sharing a head load the same slice
+            total_kv_heads = loaded.shape[0] // self.head_dim
+            rank_index = (
+                self.tp_rank * total_kv_heads // self.tp_size if total_kv_heads < self.tp_size else self.tp_rank
+            )
+        _copy(param.narrow(0, offset, size), loaded.narrow(0, rank_index * size, size))  # type: ignore[arg-type]
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's columns (inputs) split across ranks; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.input_size_per_rank = divide(input_size, self.tp_size, "linear input size")
+        self.weight = _param((output_size, self.input_size_per_rank), self.weight_loader)
+        self.bias = _param((output_size,), self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if param.dim() == 1:  # bias: added once, after the reduction
+            _copy(param, loaded)
+            return
+        size = param.shape[1]
+        _copy(param, loaded.narrow(1, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.tp_size > 1:
+            y = all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

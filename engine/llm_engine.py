@@ -1,0 +1,191 @@
+"""LLMEngine: the incremental interface a server drives — add_request, step, abort.
+
+Each `step()` schedules one batch, runs it, samples, detokenizes, applies stop conditions and
+returns a RequestOutput for every request that got a token. Single-threaded by design: the caller
+owns the loop (the offline LLM, or the server's engine process).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner
+from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.sampler import SampleOutput, SamplingRequest
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.stop import StopStringMatcher, token_stop_reason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    metrics: RequestMetrics
+    generator: torch.Generator | None
+    seed: int | None
+    logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.files = resolve_model(config.model, config.revision, config.hf_token)
+        self.hf_config = load_hf_config(self.files, config.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.files, config.trust_remote_code)
+        self.eos_token_ids = eos_token_ids(self.files, self.hf_config)
+        model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.runner = ModelRunner(config, self.files, self.hf_config, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
+        self.vocab_size = self.hf_config.vocab_size
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._seeds = random.Random(config.seed)
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, which leaves no room to generate in the model's "
+                f"context of {self.max_model_len} tokens"
+            )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
+        seq = Sequence(request_id, ids, max_new, params)
+        self.scheduler.add(seq)  # may raise: the request could never fit in the KV cache
+        seed = generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        self._requests[request_id] = _Request(
+            seq=seq,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            matcher=StopStringMatcher(params.stop),
+            metrics=RequestMetrics(arrival_time=seq.arrival_time),
+            generator=generator,
+            seed=seed,
+            logprobs=[],
+            top_tokens=[],
+        )
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request wherever it is; its KV blocks are freed. False if unknown."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        sampling = [
+            SamplingRequest(
+                item.seq.sampling_params,
+                item.seq.all_token_ids if item.seq.sampling_params.needs_processing else [],
+                self._requests[item.seq.request_id].generator,
+            )
+            for item in batch.scheduled
+            if item.sample
+        ]
+        samples = iter(self.runner.execute(batch, sampling))
+        sampled = [next(samples) if item.sample else None for item in batch.scheduled]
+        self.scheduler.update(batch, [s.token_id if s else None for s in sampled])
+        now = time.monotonic()
+        outputs = []
+        for item, sample in zip(batch.scheduled, sampled):
+            if sample is not None:
+                outputs.append(self._process(self._requests[item.seq.request_id], sample, now))
+        return outputs
+
+    def _process(self, req: _Request, sample: SampleOutput, now: float) -> RequestOutput:
+        seq, m = req.seq, req.metrics
+        m.first_scheduled_time = seq.first_scheduled_time
+        m.num_preemptions = seq.num_preemptions
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        req.logprobs.append(sample.logprob)
+        req.top_tokens.append(sample.top_tokens)
+        new_text, stopped = req.matcher.add(req.detokenizer.add([sample.token_id]))
+        reason = "stop_sequence" if stopped else token_stop_reason(seq, self.eos_token_ids, self.max_model_len)
+        if reason is not None:
+            if not stopped:
+                more, stopped = req.matcher.add(req.detokenizer.flush())
+                new_text += more if stopped else more + req.matcher.flush()
+                reason = "stop_sequence" if stopped else reason
+            self.scheduler.finish(seq, reason)
+            m.finished_time = now
+            del self._requests[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=req.matcher.text[: req.matcher.emitted],
+            new_token_ids=[sample.token_id],
+            new_text=new_text,
+            new_logprobs=[sample.logprob],
+            new_top_tokens=[sample.top_tokens],
+            logprobs=req.logprobs,
+            top_tokens=req.top_tokens,
+            finished=reason is not None,
+            finish_reason=reason,
+            seed=req.seed,
+            metrics=m,
+        )

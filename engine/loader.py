@@ -1,0 +1,92 @@
+"""Checkpoint readers yielding (transformers parameter name, tensor): safetensors (sharded or not),
+`.bin` through `torch.load(weights_only=True)`, and GGUF dequantized with the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from engine.model_source import ModelFiles
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    if files.gguf_file:
+        yield from _iter_gguf(os.path.join(files.directory, files.gguf_file), hf_config)
+        return
+    d = files.directory
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(d, s) for s in shards]
+    else:
+        paths = sorted(glob.glob(os.path.join(d, "*.safetensors")))
+    if paths:
+        from safetensors import safe_open
+
+        for path in paths:
+            with safe_open(path, framework="pt") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+        return
+    bins = sorted(glob.glob(os.path.join(d, "pytorch_model*.bin")))
+    if not bins:
+        raise ValueError(f"model directory {d!r} has no *.safetensors or pytorch_model*.bin weights")
+    for path in bins:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary reordering of q/k rows (it interleaves the two halves of each head)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _iter_gguf(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGUFReader, dequantize
+
+    reader = GGUFReader(path)
+    permuted = hf_config.model_type in ("llama", "mistral")
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+        if m:
+            layer, part, kind = m.groups()
+            if part not in _GGUF_BLOCK_NAMES:
+                raise ValueError(f"unexpected GGUF tensor {t.name!r}")
+            name = f"model.layers.{layer}.{_GGUF_BLOCK_NAMES[part]}.{kind}"
+        else:
+            base, _, kind = t.name.rpartition(".")
+            if base not in _GGUF_NAMES:
+                raise ValueError(f"unexpected GGUF tensor {t.name!r}")
+            name, part = f"{_GGUF_NAMES[base]}.{kind}", base
+        w = dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
+        if permuted and part == "attn_q":
+            w = _unpermute(w, hf_config.num_attention_heads)
+        elif permuted and part == "attn_k":
+            w = _unpermute(w, hf_config.num_key_value_heads)
+        yield name, torch.from_numpy(np.array(w, copy=True))

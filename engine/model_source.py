@@ -1,0 +1,114 @@
+"""Find a model's files (local dir, .gguf file, hub id, or the embedded default) and its metadata.
+
+Hub ids are fetched with huggingface_hub (revision, token, offline cache), safetensors preferred.
+A missing or malformed model gives one ValueError/FileNotFoundError that names the path or id.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+from engine.default_model import default_model_path
+
+_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    directory: str
+    gguf_file: str | None = None  # a file name inside `directory`
+
+    @property
+    def name(self) -> str:
+        return os.path.join(self.directory, self.gguf_file) if self.gguf_file else self.directory
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a local path."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or model.endswith(".gguf")
+
+
+def resolve_model(model: str | None, revision: str | None = None, token: str | None = None) -> ModelFiles:
+    if model is None:
+        path = default_model_path()
+        return ModelFiles(os.path.dirname(path), os.path.basename(path))
+    path = os.path.expanduser(model)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"model file {model!r} is not a .gguf file; pass a model directory instead")
+        return ModelFiles(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    if os.path.isdir(path):
+        return _local_dir(path)
+    if _looks_like_path(model):
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    return _local_dir(_download(model, revision, token))
+
+
+def _local_dir(path: str) -> ModelFiles:
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return ModelFiles(os.path.abspath(path))
+    ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if len(ggufs) == 1:
+        return ModelFiles(os.path.abspath(path), os.path.basename(ggufs[0]))
+    if ggufs:
+        raise ValueError(f"model directory {path!r} holds several .gguf files; name one of them")
+    raise ValueError(f"model directory {path!r} has no config.json (and no .gguf file)")
+
+
+def _download(repo_id: str, revision: str | None, token: str | None) -> str:
+    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        try:
+            files = list_repo_files(repo_id, revision=revision, token=token)
+            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        except OfflineModeIsEnabled:
+            weights = ["*.safetensors", "*.bin"]
+        return snapshot_download(repo_id, revision=revision, token=token, allow_patterns=_HUB_PATTERNS + weights)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as e:
+        raise ValueError(f"could not fetch model {repo_id!r} (revision {revision or 'main'}): {e}") from e
+
+
+def load_hf_config(files: ModelFiles, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            files.directory, gguf_file=files.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed model config in {files.name!r}: {e}") from e
+
+
+def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            files.directory, gguf_file=files.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"could not load a tokenizer from {files.name!r}: {e}") from e
+
+
+def eos_token_ids(files: ModelFiles, hf_config) -> frozenset[int]:
+    """Every EOS id of the generation config (as `generate` uses) and of the model config."""
+    ids: set[int] = set()
+    for value in (_generation_config_eos(files), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _generation_config_eos(files: ModelFiles):
+    path = os.path.join(files.directory, "generation_config.json")
+    if files.gguf_file or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("eos_token_id")

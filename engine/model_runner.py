@@ -55,6 +55,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(iter_weights(files, hf_config))
+        model.pack_for_cpu()
         self.model = model.eval()
         self.sampler = Sampler()
         self.num_blocks = self._allocate_kv_cache(hf_config)
@@ -77,7 +78,8 @@ class ModelRunner:
             num_blocks = min(int(cfg.cpu_kv_cache_bytes // bytes_per_block), useful)
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV-cache block; lower the model size or raise the budget")
-        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+        self.num_kv_heads = a.num_kv_heads
         for layer in layers:
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -123,8 +125,9 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             if min(decode_lens) < width * bs:
                 lens = torch.tensor(decode_lens, device=dev)
-                mask = torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1)
-                meta.decode_mask = mask[:, None, None, :]  # [D, 1, 1, L]
+                pad = torch.arange(width * bs, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
+                bias = torch.zeros(pad.shape, device=dev).masked_fill_(pad, float("-inf"))
+                meta.decode_mask = bias[:, None, None, :]  # [D, 1, 1, L]
         for item in batch.prefills:
             seq, start, end = item.seq, item.start, item.end
             chunk = PrefillChunk(q_start=len(ids), q_len=end - start, ctx_len=end)
@@ -139,7 +142,10 @@ class ModelRunner:
             slots.extend(self._slots(seq.block_table, start, end))
             if item.sample:
                 sample_rows.append(len(ids) - 1)
-        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        # Cache rows of (token, kv head): ((block * Hkv + h) * block_size + offset), [T * Hkv].
+        slot = torch.tensor(slots, dtype=torch.long, device=dev)
+        heads = torch.arange(self.num_kv_heads, device=dev) * bs
+        meta.slot_mapping = ((slot // bs * self.num_kv_heads * bs + slot % bs).unsqueeze(1) + heads).view(-1)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return input_ids, pos, meta, sample_rows

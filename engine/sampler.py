@@ -39,7 +39,8 @@ def apply_penalties(row: torch.Tensor, p: SamplingParams, token_ids: list[int]) 
     if p.frequency_penalty:
         ids = torch.tensor(token_ids, device=row.device)
         counts = torch.bincount(ids, minlength=row.shape[0])[: row.shape[0]]
-        row = row - p.frequency_penalty * counts.to(row.dtype)
+        # TGI's form: the penalty scales each token's frequency among all ids so far.
+        row = row - p.frequency_penalty * counts.to(row.dtype) / len(token_ids)
     return row
 
 
@@ -86,7 +87,7 @@ class Sampler:
             chosen[i] = torch.multinomial(probs, 1, generator=req.generator)[0]
         chosen_logprobs = (logits.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse).tolist()
         ids = chosen.tolist()
-        top_n = max((r.params.top_n_tokens for r in requests), default=0)
+        top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
         tops: list[list[tuple[int, float]]] = [[] for _ in requests]
         if top_n:
             values, indices = torch.topk(logits, top_n, dim=-1)

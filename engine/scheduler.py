@@ -29,8 +29,8 @@ class ScheduledSeq:
 
 @dataclass
 class ScheduledBatch:
-    decodes: list[ScheduledSeq] = field(default_factory=list)  # one token each
-    prefills: list[ScheduledSeq] = field(default_factory=list)  # chunks of > 1 token
+    decodes: list[ScheduledSeq] = field(default_factory=list)  # one token each, each sampling
+    prefills: list[ScheduledSeq] = field(default_factory=list)  # prompt (or recompute) chunks
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -98,7 +98,8 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             n = seq.num_uncomputed_tokens
-            if n > 1:  # a prompt chunked over several steps, or a recompute
+            is_prefill = n > 1  # a prompt chunked over several steps, or a recompute
+            if is_prefill:
                 n = min(n, budget)
                 if n == 0:
                     i += 1
@@ -111,7 +112,7 @@ class Scheduler:
                     break
             else:
                 self._add_to_batch(batch, seq, n)
-                if n > 1:
+                if is_prefill:
                     budget -= n
                 i += 1
                 continue
@@ -140,7 +141,8 @@ class Scheduler:
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         start = seq.num_computed_tokens
         item = ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens)
-        (batch.decodes if n == 1 else batch.prefills).append(item)
+        # A decode is one token that samples; a 1-token chunk cut short by the budget is a prefill.
+        (batch.decodes if n == 1 and item.sample else batch.prefills).append(item)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

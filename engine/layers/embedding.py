@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.cpu_packing import pack_weight, packed_linear
 from engine.parallel import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
 
 
@@ -40,7 +41,19 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self, keep_plain: bool) -> None:
+        """Pack for CPU matmuls; `keep_plain` when the weight is shared with the embedding."""
+        self.packed = pack_weight(self.weight.data)
+        if self.packed is not None and not keep_plain:
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """[N, hidden] -> [N, vocab_size] logits."""
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        if self.packed is not None:
+            local = packed_linear(hidden, self.packed, None)
+        else:
+            local = F.linear(hidden, self.weight)
+        logits = all_gather_last_dim(local)
         return logits[..., : self.vocab_size]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.cpu_packing import pack_weight, packed_linear
 from engine.parallel import all_reduce, divide, get_tp_rank, get_tp_size
 
 
@@ -20,13 +21,34 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
     return p
 
 
+class LinearBase(nn.Module):
+    """Holds `weight` [out, in] and `bias`; on CPU in 16-bit, matmuls run on a oneDNN-packed copy.
+
+    `pack_for_cpu` is called once after loading (see layers/cpu_packing.py).
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> None:
+        self.packed = pack_weight(self.weight.data)
+        if self.packed is not None:  # the plain copy is no longer read
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, bias)
+        return packed_linear(x, self.packed, bias)
+
+
 def _copy(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
     param.data.copy_(loaded)
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = _param((output_size, input_size), self.weight_loader)
@@ -36,10 +58,10 @@ class ReplicatedLinear(nn.Module):
         _copy(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's rows (outputs) split across ranks; each rank returns its slice of y."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -54,7 +76,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, loaded.narrow(0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -98,7 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         _copy(param.narrow(0, offset, size), loaded.narrow(0, rank_index * size, size))  # type: ignore[arg-type]
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T with W's columns (inputs) split across ranks; partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -116,7 +138,7 @@ class RowParallelLinear(nn.Module):
         _copy(param, loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._matmul(x, None)
         if self.tp_size > 1:
             y = all_reduce(y)
         if self.bias is not None:

@@ -14,7 +14,7 @@ from torch import nn
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
@@ -122,6 +122,13 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 [N, vocab]."""
         return self.lm_head(hidden).float()
+
+    def pack_for_cpu(self) -> None:
+        """Repack matmul weights for oneDNN (CPU, 16-bit only; a no-op elsewhere)."""
+        for module in self.modules():
+            if isinstance(module, LinearBase):
+                module.pack_for_cpu()
+        self.lm_head.pack_for_cpu(keep_plain=self.tie_word_embeddings)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

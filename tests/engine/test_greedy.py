@@ -1,0 +1,95 @@
+"""Greedy decoding is token-exact against transformers `generate`, for every tiny architecture, with
+requests joining mid-flight, with chunked prefill, with a KV pool small enough to force preemption
+and with few sequence slots.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import EOS_ID, ORACLE_CONFIGS, Engines, Oracle, greedy, random_prompt, run_to_completion
+
+PROMPT_LENGTHS = (1, 5, 16, 17, 40, 64, 97, 120)  # around block (16) and chunk (32) boundaries
+MAX_NEW = (24, 17, 24, 9, 24, 31, 16, 24)
+
+
+def _prompts() -> list[list[int]]:
+    return [random_prompt(n, seed=100 + i) for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+def _check_staggered(llm, oracle: Oracle, name: str) -> None:
+    """Add 4 requests, step a few times, add 4 more, run to the end; compare each with the oracle."""
+    eng = llm.engine
+    prompts = _prompts()
+    pieces: dict[str, list[int]] = {}
+    final = {}
+
+    def consume(outputs) -> None:
+        for out in outputs:
+            pieces.setdefault(out.request_id, []).extend(out.new_token_ids)
+            assert out.request_id not in final, f"output for {out.request_id} after it finished"
+            if out.finished:
+                final[out.request_id] = out
+
+    ids = [eng.add_request(p, greedy(n)) for p, n in zip(prompts[:4], MAX_NEW[:4])]
+    for _ in range(4):
+        consume(eng.step())
+    assert any(pieces.get(rid) for rid in ids), "no request of the first wave produced a token"
+    assert not all(rid in final for rid in ids), "the first wave finished before the second joined"
+    ids += [eng.add_request(p, greedy(n)) for p, n in zip(prompts[4:], MAX_NEW[4:])]
+    consume(run_to_completion(llm))
+
+    assert set(final) == set(ids)
+    for rid, prompt, n in zip(ids, prompts, MAX_NEW):
+        out = final[rid]
+        expected = oracle.greedy(name, prompt, n)
+        assert out.token_ids == expected, f"prompt of {len(prompt)} tokens diverges from transformers"
+        assert pieces[rid] == out.token_ids
+        assert len(out.logprobs) == len(out.token_ids)
+        assert out.finish_reason == ("eos_token" if expected[-1] == EOS_ID else "length")
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("name", ORACLE_CONFIGS)
+def test_greedy_matches_transformers_staggered(name: str, engines: Engines, oracle: Oracle) -> None:
+    llm = engines(name)
+    before = llm.engine.scheduler.num_preemptions
+    _check_staggered(llm, oracle, name)
+    assert llm.engine.scheduler.num_preemptions == before  # a roomy pool never preempts
+
+
+@pytest.mark.parametrize("name", ORACLE_CONFIGS)
+def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(
+    name: str, engines: Engines, oracle: Oracle
+) -> None:
+    # 16 blocks of 16 tokens for 8 requests of up to 144 tokens: requests must be preempted and recomputed;
+    # 32 prefill tokens per step: every prompt longer than that is prefilled in chunks.
+    llm = engines(name, max_batch_total_tokens=256, max_batch_prefill_tokens=32, block_size=16)
+    before = llm.engine.scheduler.num_preemptions
+    _check_staggered(llm, oracle, name)
+    assert llm.engine.scheduler.num_preemptions > before, "the small KV pool never preempted"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"max_batch_prefill_tokens": 7, "block_size": 8},
+        {"max_num_seqs": 3, "block_size": 32},
+        {"max_batch_total_tokens": 160, "max_batch_prefill_tokens": 48, "block_size": 4},
+    ],
+    ids=["tiny_chunks", "three_seqs", "tiny_blocks_preempt"],
+)
+def test_greedy_matches_transformers_other_schedules(config: dict, engines: Engines, oracle: Oracle) -> None:
+    _check_staggered(engines("llama_gqa", **config), oracle, "llama_gqa")
+
+
+def test_text_prompts_match_transformers(engines: Engines, oracle: Oracle, tokenizer) -> None:
+    texts = ["Hello", "héllo wörld ünïcode 東京 日本語 😀 emoji", "The capital of France is", "x"]
+    llm = engines("qwen2")
+    outs = llm.generate(texts, greedy(12))
+    for text, out in zip(texts, outs):
+        prompt = tokenizer(text)["input_ids"]
+        assert prompt[0] == tokenizer.bos_token_id
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == oracle.greedy("qwen2", prompt, 12)
+        assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)

@@ -19,7 +19,7 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams"]
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig

@@ -176,14 +176,14 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids,
+            token_ids=list(seq.output_token_ids),  # snapshots: later steps must not change them
             text=req.matcher.text[: req.matcher.emitted],
             new_token_ids=[sample.token_id],
             new_text=new_text,
             new_logprobs=[sample.logprob],
             new_top_tokens=[sample.top_tokens],
-            logprobs=req.logprobs,
-            top_tokens=req.top_tokens,
+            logprobs=list(req.logprobs),
+            top_tokens=list(req.top_tokens),
             finished=reason is not None,
             finish_reason=reason,
             seed=req.seed,

@@ -43,7 +43,7 @@ def resolve_model(model: str | None, revision: str | None = None, token: str | N
     if os.path.isdir(path):
         return _local_dir(path)
     if _looks_like_path(model):
-        raise FileNotFoundError(f"model path {model!r} does not exist")
+        raise ValueError(f"model path {model!r} does not exist")
     return _local_dir(_download(model, revision, token))
 
 

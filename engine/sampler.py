@@ -73,8 +73,8 @@ def apply_warpers(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
         """logits [N, V] float32, one row per request -> one SampleOutput each."""
-        lse = torch.logsumexp(logits, dim=-1)  # [N]
-        chosen = torch.argmax(logits, dim=-1)  # fast path: plain greedy rows need nothing else
+        logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]: one fused pass
+        best_logprobs, chosen = logprobs.max(dim=-1)  # greedy rows need nothing else
         for i, req in enumerate(requests):
             p = req.params
             if p.greedy and not p.needs_processing:
@@ -82,17 +82,17 @@ class Sampler:
             row = apply_penalties(logits[i], p, req.token_ids)
             if p.greedy:
                 chosen[i] = torch.argmax(row)
-                continue
-            probs = apply_warpers(row, p).softmax(-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=req.generator)[0]
-        chosen_logprobs = (logits.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse).tolist()
+            else:
+                probs = apply_warpers(row, p).softmax(-1)
+                chosen[i] = torch.multinomial(probs, 1, generator=req.generator)[0]
+            best_logprobs[i] = logprobs[i, chosen[i]]
+        chosen_logprobs = best_logprobs.tolist()
         ids = chosen.tolist()
         top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
         tops: list[list[tuple[int, float]]] = [[] for _ in requests]
         if top_n:
-            values, indices = torch.topk(logits, top_n, dim=-1)
-            values = (values - lse.unsqueeze(1)).tolist()
-            indices = indices.tolist()
+            values, indices = torch.topk(logprobs, top_n, dim=-1)
+            values, indices = values.tolist(), indices.tolist()
             for i, req in enumerate(requests):
                 n = req.params.top_n_tokens
                 tops[i] = list(zip(indices[i][:n], values[i][:n]))

@@ -96,9 +96,7 @@ class Attention(nn.Module):
         blocks = cache.index_select(0, p.block_table)  # [n, Hkv, bs, hd]
         return blocks.transpose(0, 1).flatten(1, 2)[:, : p.ctx_len]
 
-    def _decode(
-        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [D, H, hd] attends over each sequence's cached tokens -> [D, H, hd].
 
         Batched matmuls block by block over the gathered blocks, never copying K/V into a

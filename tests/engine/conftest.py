@@ -27,6 +27,10 @@ from transformers import (
 from engine import LLM, RequestOutput, SamplingParams
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 VOCAB_SIZE = 400
 MAX_POSITIONS = 512
@@ -72,6 +76,7 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     tok.train_from_iterator(CORPUS * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    hf.chat_template = CHAT_TEMPLATE
     assert hf.convert_tokens_to_ids([BOS, EOS, PAD]) == [BOS_ID, EOS_ID, PAD_ID]
     return hf
 
@@ -182,8 +187,8 @@ def craft_byte_chain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast)
 
 
 SPECS: dict[str, TinySpec] = {
-    "llama_gqa": TinySpec(arch="llama", num_attention_heads=4, num_key_value_heads=2, seed=1),
-    "qwen2": TinySpec(arch="qwen2", num_attention_heads=4, num_key_value_heads=2, seed=2),
+    "llama_gqa": TinySpec(arch="llama", num_attention_heads=4, num_key_value_heads=2, seed=2),
+    "qwen2": TinySpec(arch="qwen2", num_attention_heads=4, num_key_value_heads=2, seed=7),
     "llama_tied": TinySpec(
         arch="llama",
         num_attention_heads=4,
@@ -195,6 +200,16 @@ SPECS: dict[str, TinySpec] = {
     "byte_chain": TinySpec(arch="llama", num_hidden_layers=1, seed=4, craft=craft_byte_chain),
 }
 ORACLE_CONFIGS = ("llama_gqa", "qwen2", "llama_tied")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """One intra-op thread: these models are tiny, and on a small shared CPU OpenMP threads waiting on each
+    other (or on a busy neighbour process) make every matmul orders of magnitude slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -240,11 +255,15 @@ class Oracle:
         return self._cache[key]
 
     @torch.no_grad()
-    def log_probs(self, name: str, prompt: list[int], generated: list[int]) -> torch.Tensor:
-        """[len(generated), V] log-softmax of the logits that predicted each generated token."""
+    def logits(self, name: str, prompt: list[int], generated: list[int]) -> torch.Tensor:
+        """[len(generated), V] raw logits that predicted each generated token (one forward pass)."""
         ids = torch.tensor([prompt + generated])
         logits = self.model(name)(ids).logits[0].float()
-        return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], dim=-1)
+        return logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+
+    def log_probs(self, name: str, prompt: list[int], generated: list[int]) -> torch.Tensor:
+        """[len(generated), V] log-softmax of the logits that predicted each generated token."""
+        return torch.log_softmax(self.logits(name, prompt, generated), dim=-1)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 from engine import SamplingParams
 
@@ -16,7 +24,8 @@ PROMPT = random_prompt(12, seed=500)
 
 
 def _sample(**kw) -> SamplingParams:
-    return SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 24), do_sample=True, **kw)
+    """Sampling that ignores EOS, so every request runs its full length."""
+    return SamplingParams(max_new_tokens=kw.pop("max_new_tokens", 24), do_sample=True, ignore_eos=True, **kw)
 
 
 def test_same_seed_same_tokens_alone_and_batched(engines: Engines) -> None:
@@ -58,29 +67,56 @@ def test_different_seeds_differ(engines: Engines) -> None:
     assert len({tuple(o.token_ids) for o in unseeded}) > 1
 
 
-def _allowed(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> set[int]:
-    """Token ids transformers' TopK / TopP warpers keep for one row of raw logits."""
-    keep = torch.ones_like(logits, dtype=torch.bool)
-    if top_k is not None:
-        keep &= logits >= torch.topk(logits, top_k).values[-1]
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p
-        drop[-1] = False
-        keep &= ~torch.zeros_like(drop).scatter(0, order, drop)
-    return set(torch.nonzero(keep).flatten().tolist())
+def test_reported_seed_reproduces_the_output(engines: Engines) -> None:
+    llm = engines("qwen2")
+    first = llm.generate([PROMPT], _sample(temperature=1.2))[0]
+    assert first.seed is not None
+    again = llm.generate([PROMPT], _sample(temperature=1.2, seed=first.seed))[0]
+    assert again.token_ids == first.token_ids and again.seed == first.seed
+    assert llm.generate([PROMPT], greedy(3))[0].seed is None
 
 
-@pytest.mark.parametrize(("top_k", "top_p"), [(3, None), (None, 0.3), (8, 0.6)])
-def test_top_k_top_p_stay_in_the_support(top_k, top_p, engines: Engines, oracle: Oracle) -> None:
+def _support(logits: torch.Tensor, context: list[int], p: SamplingParams) -> set[int]:
+    """Token ids that transformers' own processors and warpers leave finite for one row of logits,
+    in transformers' order: repetition penalty, temperature, top_k, top_p, typical_p."""
+    processors = LogitsProcessorList()
+    if p.repetition_penalty is not None:
+        processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.temperature is not None:
+        processors.append(TemperatureLogitsWarper(p.temperature))
+    if p.top_k is not None:
+        processors.append(TopKLogitsWarper(p.top_k))
+    if p.top_p is not None:
+        processors.append(TopPLogitsWarper(p.top_p))
+    if p.typical_p is not None:
+        processors.append(TypicalLogitsWarper(p.typical_p))
+    scores = processors(torch.tensor([context]), logits.unsqueeze(0).clone())[0]
+    return set(torch.nonzero(scores > float("-inf")).flatten().tolist())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"top_k": 3},
+        {"top_p": 0.3},
+        {"top_k": 8, "top_p": 0.6},
+        {"typical_p": 0.3},
+        {"temperature": 0.5, "top_p": 0.5},
+        {"temperature": 1.5, "top_k": 20, "top_p": 0.8, "typical_p": 0.6, "repetition_penalty": 1.4},
+    ],
+    ids=lambda kw: "-".join(kw),
+)
+def test_sampled_tokens_stay_in_the_transformers_support(kw: dict, engines: Engines, oracle: Oracle) -> None:
     llm = engines("llama_gqa")
-    outs = llm.generate([PROMPT] * 4, [_sample(seed=s, top_k=top_k, top_p=top_p) for s in range(4)])
-    for out in outs:
+    params = [_sample(seed=s, **kw) for s in range(4)]
+    outs = llm.generate([PROMPT] * 4, params)
+    for p, out in zip(params, outs):
         assert len(out.token_ids) == 24
-        logp = oracle.log_probs("llama_gqa", PROMPT, out.token_ids)
+        logits = oracle.logits("llama_gqa", PROMPT, out.token_ids)  # raw: the repetition penalty is not shift-free
         for step, token in enumerate(out.token_ids):
-            assert token in _allowed(logp[step], top_k, top_p), f"step {step}: token {token} outside the support"
+            allowed = _support(logits[step], PROMPT + out.token_ids[:step], p)
+            assert len(allowed) < logits.shape[1], "the warpers should cut the vocabulary"
+            assert token in allowed, f"step {step}: token {token} is outside the allowed {sorted(allowed)}"
 
 
 @pytest.mark.parametrize(

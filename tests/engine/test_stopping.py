@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from engine import LLM, SamplingParams
+from engine import LLM, RequestOutput, SamplingParams
 
 from .conftest import (
     CHAIN_BYTES,
@@ -31,10 +31,11 @@ from .conftest import (
 )
 
 
-def _stream(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[str], object]:
+def _stream(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[str], RequestOutput]:
     """Run one request through the incremental API: (new_text of every step, the final output)."""
     rid = llm.engine.add_request(prompt, params)
-    pieces, final = [], None
+    pieces: list[str] = []
+    final: RequestOutput | None = None
     for out in run_to_completion(llm):
         assert out.request_id == rid
         pieces.append(out.new_text)
@@ -44,32 +45,39 @@ def _stream(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[s
     return pieces, final
 
 
-def _token_end_offsets(tokenizer, ids: list[int]) -> list[int]:
-    """Length of decode(ids[:k]) for k = 1..len(ids)."""
-    return [len(tokenizer.decode(ids[:k], skip_special_tokens=True)) for k in range(1, len(ids) + 1)]
+def _pick_stop(tokenizer: PreTrainedTokenizerFast, ids: list[int], length: int = 3) -> tuple[str, int]:
+    """A stop string spanning a token boundary in the second half of decode(ids), and the number of
+    tokens after which the decoded text first contains it (with no incomplete character pending)."""
 
+    def decode(k: int) -> str:
+        return tokenizer.decode(ids[:k], skip_special_tokens=True)
 
-def _pick_stop(tokenizer, ids: list[int], length: int = 3) -> tuple[str, int]:
-    """A stop string spanning a token boundary in the middle of decode(ids), and the number of tokens
-    after which the text first contains it."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    ends = _token_end_offsets(tokenizer, ids)
-    for k in range(len(ids) // 3, len(ids) - 1):
-        b = ends[k]
+    text = decode(len(ids))
+    for k in range(len(ids) // 2, len(ids) - 1):
+        b = len(decode(k))
         stop = text[b - 1 : b - 1 + length]
-        if len(stop) == length and "\ufffd" not in text[: b - 1 + length] and stop.strip():
-            first = next(
-                j for j in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:j], skip_special_tokens=True)
-            )
+        if len(stop) < length or "\ufffd" in stop or not stop.strip():
+            continue
+        first = next(j for j in range(1, len(ids) + 1) if stop in decode(j))
+        if not decode(first).endswith("\ufffd"):
             return stop, first
     raise AssertionError("no usable stop string in the reference output")
 
 
-@pytest.mark.parametrize("seed", [11, 12, 13])
-def test_stop_string_matches_reference_text(seed: int, engines: Engines, oracle: Oracle, tokenizer) -> None:
-    prompt = random_prompt(6, seed=seed)
+def _prompt_without_eos(oracle: Oracle, name: str, index: int, length: int, max_new: int) -> list[int]:
+    """The index-th random prompt (in a fixed order) whose reference continuation has no EOS."""
+    found = (
+        p
+        for p in (random_prompt(length, seed=s) for s in range(10, 200))
+        if EOS_ID not in oracle.greedy(name, p, max_new)
+    )
+    return next(p for i, p in enumerate(found) if i == index)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_stop_string_matches_reference_text(case: int, engines: Engines, oracle: Oracle, tokenizer) -> None:
+    prompt = _prompt_without_eos(oracle, "llama_gqa", case, length=6, max_new=40)
     ref = oracle.greedy("llama_gqa", prompt, 40)
-    assert EOS_ID not in ref
     stop, k = _pick_stop(tokenizer, ref)
     full_text = tokenizer.decode(ref, skip_special_tokens=True)
     expected_text = full_text[: full_text.index(stop)]
@@ -169,6 +177,19 @@ def test_model_eos_token_finishes_and_is_not_in_text(engines: Engines, oracle: O
     pytest.fail("no prompt made the reference emit </s>; pick other seeds")
 
 
+def test_eos_kept_in_text_without_skip_special_tokens(engines: Engines, oracle: Oracle, tokenizer) -> None:
+    llm = engines("llama_tied")
+    prompt = next(
+        p
+        for p in (random_prompt(4, seed=s) for s in range(300, 340))
+        if oracle.greedy("llama_tied", p, 40)[-1] == EOS_ID
+    )
+    out = llm.generate([prompt], greedy(40, skip_special_tokens=False))[0]
+    assert out.finish_reason == "eos_token"
+    assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=False)
+    assert out.text.endswith("</s>")
+
+
 def test_max_new_tokens_gives_length(engines: Engines, oracle: Oracle) -> None:
     prompt = random_prompt(8, seed=41)
     for n in (1, 2, 7):
@@ -189,7 +210,8 @@ def test_context_length_stops_at_the_models_limit(room: int, engines: Engines, o
 
 def test_context_length_with_a_smaller_max_model_len(engines: Engines, oracle: Oracle) -> None:
     llm = engines("qwen2", max_model_len=64, max_batch_prefill_tokens=16)
-    prompts = [random_prompt(60, seed=61), random_prompt(10, seed=62)]
+    prompts = [random_prompt(60, seed=61), random_prompt(10, seed=63)]
+    assert EOS_ID not in oracle.greedy("qwen2", prompts[1], 54)
     outs = llm.generate(prompts, greedy(100))
     assert [o.finish_reason for o in outs] == ["length", "length"]
     assert [len(o.token_ids) for o in outs] == [4, 54]

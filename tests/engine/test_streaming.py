@@ -5,6 +5,8 @@ U+FFFD for a character that is completed later), and for many requests interleav
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import (
     CHAIN_BYTES,
     CHAIN_TEXT,
@@ -18,9 +20,16 @@ from .conftest import (
 )
 
 
-def test_pieces_join_to_final_text_for_interleaved_requests(engines: Engines, oracle: Oracle, tokenizer) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"max_batch_total_tokens": 160, "max_batch_prefill_tokens": 24, "block_size": 16}],
+    ids=["roomy", "chunked-preempted"],
+)
+def test_pieces_join_to_final_text_for_interleaved_requests(
+    config: dict, engines: Engines, oracle: Oracle, tokenizer
+) -> None:
     for name in ORACLE_CONFIGS:
-        llm = engines(name)
+        llm = engines(name, **config)
         prompts = [random_prompt(n, seed=400 + n) for n in (1, 4, 9, 30, 70)]
         ids = [llm.engine.add_request(p, greedy(40)) for p in prompts]
         pieces: dict[str, list[str]] = {rid: [] for rid in ids}
@@ -71,3 +80,16 @@ def test_text_ending_in_an_incomplete_character_is_flushed(engines: Engines, tok
         decoded = tokenizer.decode(final.token_ids, skip_special_tokens=True)
         assert decoded.endswith("\ufffd")
         assert "".join(o.new_text for o in outs) == final.text == decoded
+
+
+def test_each_output_is_a_snapshot_of_its_step(engines: Engines) -> None:
+    """An output describes the request as of its step: later steps must not change what it holds."""
+    llm = engines("llama_gqa")
+    rid = llm.engine.add_request(random_prompt(7, seed=450), greedy(6, top_n_tokens=2))
+    outs = [o for o in run_to_completion(llm) if o.request_id == rid]
+    assert len(outs) == 6
+    for step, out in enumerate(outs, start=1):
+        assert out.token_ids == outs[-1].token_ids[:step], f"step {step}"
+        assert len(out.logprobs) == len(out.top_tokens) == step, f"step {step}"
+        assert out.new_token_ids == [out.token_ids[-1]]
+        assert out.finished == (step == 6)

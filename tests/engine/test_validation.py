@@ -98,6 +98,18 @@ def test_duplicate_request_id(engines: Engines) -> None:
     assert not eng.has_unfinished_requests()
 
 
+def test_chat_without_a_chat_template(tiny_models: TinyModels, tmp_path: Path) -> None:
+    path = tmp_path / "no_template"
+    shutil.copytree(tiny_models("llama_gqa"), path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    llm = LLM(str(path), dtype="float32", max_batch_total_tokens=256)
+    with pytest.raises(ValueError, match="chat template"):
+        llm.chat([{"role": "user", "content": "hi"}])
+
+
 def test_missing_model_directory(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(ValueError, match="no-such-model"):

@@ -23,7 +23,7 @@ class EngineConfig:
     max_batch_prefill_tokens: int = 4096  # prompt tokens computed per step (chunked beyond)
     max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens; None: memory budget
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
-    block_size: int = 16  # tokens per KV block
+    block_size: int | None = None  # tokens per KV block; None: 16 on GPU, 64 on CPU (fewer, larger matmuls)
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
     cpu_kv_cache_bytes: int = 2 << 30  # CPU: KV budget when max_batch_total_tokens is None
     seed: int = 0  # seeds requests that sample without a seed of their own
@@ -32,11 +32,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_batch_prefill_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_batch_prefill_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_batch_total_tokens", "max_model_len", "num_threads"):
+        for name in ("max_batch_total_tokens", "max_model_len", "num_threads", "block_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -52,7 +52,7 @@ class LLMEngine:
         model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         self.runner = ModelRunner(config, self.files, self.hf_config, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
         self._requests: dict[str, _Request] = {}

@@ -45,7 +45,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.block_size = config.block_size
+        self.block_size = config.block_size or (16 if self.device.type == "cuda" else 64)
         self.max_model_len = max_model_len
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)

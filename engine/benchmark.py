@@ -13,7 +13,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ CONTEXT = (
     "from memory for each step are shared by every sequence in the batch. "
 )
 
+Wave = tuple[float, list[float], list[list[float]], list[list[int]]]  # wall s, starts, token stamps, token ids
+Runner = Callable[[list[list[int]], int], Wave]
+
 
 @dataclass
 class RunResult:
@@ -46,7 +51,6 @@ class RunResult:
     ttft_s: dict[str, float] = field(default_factory=dict)
     itl_s: dict[str, float] = field(default_factory=dict)
     other_cpu_share: float = 0.0  # CPU used by other processes during the timed runs, share of all cores
-    attempts: int = 1
 
 
 def build_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -63,16 +67,16 @@ def build_prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
+    if not values:  # no inter-token gaps when max_new_tokens is 1
+        return dict.fromkeys(("p50", "p90", "p99", "mean"), float("nan"))
     p50, p90, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(np.mean(values))}
 
 
-def summarize(engine: str, conc: int, waves: list[tuple[float, list[float], list[list[float]]]]) -> RunResult:
-    """waves: (wall seconds, per-request start times, per-request token timestamps) per timed wave."""
+def summarize(engine: str, conc: int, waves: list[Wave]) -> RunResult:
+    """Pool the timed waves: tokens/s over the summed wall time, TTFT and ITL over every request."""
     ttft, itl, tokens, wall = [], [], 0, 0.0
-    for seconds, starts, stamps in waves:
+    for seconds, starts, stamps, _ in waves:
         wall += seconds
         for start, times in zip(starts, stamps):
             tokens += len(times)
@@ -83,7 +87,7 @@ def summarize(engine: str, conc: int, waves: list[tuple[float, list[float], list
     )
 
 
-def run_ours(llm, prompts: list[list[int]], max_new: int) -> tuple[float, list[float], list[list[float]], list]:
+def run_ours(llm, prompts: list[list[int]], max_new: int) -> Wave:
     """Add every prompt at once and step until done; token times are the engine's per-step stamps."""
     from engine import SamplingParams
 
@@ -132,9 +136,7 @@ def load_transformers(path: str) -> tuple[object, object, str]:
     return model, tokenizer, note
 
 
-def run_transformers(
-    model, tokenizer, prompts: list[list[int]], max_new: int
-) -> tuple[float, list[float], list[list[float]], list]:
+def run_transformers(model, tokenizer, prompts: list[list[int]], max_new: int) -> Wave:
     """One static left-padded batch through generate(); every row gets its tokens at the same step times."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -151,15 +153,8 @@ def run_transformers(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.monotonic()
     with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new,
-            min_new_tokens=max_new,
-            do_sample=False,
-            pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([Stamp()]),
-        )
+        exact = {"max_new_tokens": max_new, "min_new_tokens": max_new, "do_sample": False, "pad_token_id": pad}
+        out = model.generate(input_ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([Stamp()]), **exact)
     wall = time.monotonic() - t0
     if out.shape[1] - width != max_new or len(times) != max_new:
         raise RuntimeError(
@@ -176,60 +171,85 @@ def cpu_snapshot() -> tuple[float, float]:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
-def bench(
-    name: str, fn, prompts: list[list[int]], conc: int, max_new: int, single: int, retries: int
-) -> tuple[RunResult, list]:
-    """Concurrency 1: `single` requests one after another; otherwise one wave of `conc` requests at once.
-
-    The machine may be shared: when other processes took over 10% of the CPU during the timed runs, they are
-    repeated (up to `retries` times) and the least disturbed attempt is kept.
-    """
-    fn(prompts[:conc], min(8, max_new))  # warm-up, not timed: same shapes for the prefill
-    batches = [prompts[i : i + 1] for i in range(single)] if conc == 1 else [prompts[:conc]]
-    best: tuple[RunResult, list] | None = None
-    for attempt in range(1, retries + 2):
-        gc.collect()
-        waves, tokens = [], []
+def wait_for_quiet(timeout: float, threshold: float = 0.1) -> float:
+    """Wait (up to `timeout` s) until other processes use under `threshold` of the CPU over 0.5 s; returns it."""
+    deadline, share = time.monotonic() + timeout, 1.0
+    while time.monotonic() < deadline:
         busy0, own0 = cpu_snapshot()
-        for batch in batches:
-            wall, starts, stamps, toks = fn(batch, max_new)
-            waves.append((wall, starts, stamps))
-            tokens.extend(toks)
+        time.sleep(0.5)
         busy1, own1 = cpu_snapshot()
-        result = summarize(name, conc, waves)
-        capacity = sum(w[0] for w in waves) * (os.cpu_count() or 1)
-        result.other_cpu_share = max(0.0, (busy1 - busy0) - (own1 - own0)) / capacity
-        result.attempts = attempt
-        if best is None or result.other_cpu_share < best[0].other_cpu_share:
-            best = (result, tokens)
-        if result.other_cpu_share <= 0.1:
+        share = max(0.0, (busy1 - busy0) - (own1 - own0)) / (0.5 * (os.cpu_count() or 1))
+        if share < threshold:
             break
-        print(f"  {name} concurrency {conc}: other processes used {result.other_cpu_share:.0%} of the CPU", flush=True)
+    return share
+
+
+def timed_wave(fn: Runner, batch: list[list[int]], max_new: int, retries: int, deadline: float) -> tuple[Wave, float]:
+    """Run one wave; the machine may be shared, so each attempt first waits (up to 10 s) for a quiet CPU, and a
+    wave during which other processes took over 10% of the CPU is repeated (up to `retries` times), keeping the
+    least disturbed attempt. Nothing is waited for or repeated past `deadline` (time.monotonic)."""
+    best: tuple[Wave, float] | None = None
+    for _ in range(retries + 1):
+        wait_for_quiet(max(0.0, min(10.0, deadline - time.monotonic())))
+        gc.collect()
+        busy0, own0 = cpu_snapshot()
+        wave = fn(batch, max_new)
+        busy1, own1 = cpu_snapshot()
+        other = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wave[0] * (os.cpu_count() or 1))
+        if best is None or other < best[1]:
+            best = (wave, other)
+        if other <= 0.1 or time.monotonic() > deadline:
+            break
+        print(f"  wave of {len(batch)} disturbed: other processes used {other:.0%} of the CPU; repeating", flush=True)
     assert best is not None
     return best
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for prm in model.parameters():
-        key = prm.untyped_storage().data_ptr()
-        if key not in seen:  # tied weights (embedding = lm_head) share storage: count once
-            seen.add(key)
-            total += prm.untyped_storage().nbytes()
-    return total
+def bench(
+    name: str, fn: Runner, prompts: list[list[int]], conc: int, max_new: int, single: int, retries: int, budget: float
+) -> tuple[RunResult, list[list[int]]]:
+    """Concurrency 1: `single` requests one after another; otherwise one wave of `conc` requests at once.
+    `budget`: seconds this level may spend waiting for a quiet machine and repeating disturbed waves."""
+    fn(prompts[:conc], min(8, max_new))  # warm-up, not timed: same shapes for the prefill
+    deadline = time.monotonic() + budget
+    batches = [prompts[i : i + 1] for i in range(single)] if conc == 1 else [prompts[:conc]]
+    kept = [timed_wave(fn, batch, max_new, retries, deadline) for batch in batches]
+    result = summarize(name, conc, [w for w, _ in kept])
+    result.other_cpu_share = sum(w[0] * other for w, other in kept) / result.wall_s
+    return result, [ids for w, _ in kept for ids in w[3]]
 
 
-def copy_bandwidth(gib: float, repeats: int = 5) -> float:
-    """Best-of-N GB/s of a big tensor clone, counting bytes read + bytes written (STREAM 'copy' convention)."""
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes read per decode step, bytes resident) of the weights: parameters plus tensors a module keeps as
+    plain attributes (oneDNN-packed copies; KV caches excluded), tied weights counted once. A plain weight that
+    also has a packed copy (a tied embedding kept for lookups) is resident but not read whole per step."""
+    tensors: dict[int, tuple[torch.Tensor, bool]] = {}
+    for mod in model.modules():
+        packed = isinstance(getattr(mod, "packed", None), torch.Tensor)
+        own = [(n, t, not (packed and n == "weight")) for n, t in mod.named_parameters(recurse=False)]
+        own += [(n, t, True) for n, t in vars(mod).items() if isinstance(t, torch.Tensor) and "cache" not in n]
+        for _, t, read in own:
+            if t.numel():
+                key = id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+                tensors[key] = (t, read and tensors.get(key, (t, True))[1])
+    sizes = [(t.numel() * t.element_size(), read) for t, read in tensors.values()]
+    return sum(n for n, read in sizes if read), sum(n for n, _ in sizes)
+
+
+def memory_bandwidth(gib: float, repeats: int = 5) -> tuple[float, float]:
+    """Best-of-N GB/s (read: sum of a big tensor; copy: copy_ into a preallocated one, read + write bytes)."""
     src = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst = src.clone()
-        best = min(best, time.perf_counter() - t0)
-        del dst
-    return 2 * src.nbytes / best / 1e9
+    dst = torch.zeros_like(src)  # preallocated and touched: a fresh clone() would time page faults
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return src.nbytes / best(src.sum) / 1e9, 2 * src.nbytes / best(lambda: dst.copy_(src)) / 1e9
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -244,16 +264,27 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-def fmt(r: RunResult, ratio: float | None) -> str:
-    def ms(d: dict[str, float], k: str) -> str:
-        return f"{d[k] * 1e3:8.1f}" if k in d else f"{'-':>8}"
-
-    return (
-        f"{r.engine:<13}{r.concurrency:>5}{r.requests:>5}{r.output_tokens:>7}{r.wall_s:>8.2f}{r.tokens_per_s:>9.1f}"
-        f"{ms(r.ttft_s, 'p50')}{ms(r.ttft_s, 'p90')}{ms(r.ttft_s, 'p99')}"
-        f"{ms(r.itl_s, 'p50')}{ms(r.itl_s, 'p90')}{ms(r.itl_s, 'p99')}"
-        f"{f'{ratio:.2f}x' if ratio is not None else '':>9}{r.other_cpu_share:>7.0%}"
-    )
+def print_table(results: list[RunResult]) -> dict[str, dict[str, float]]:
+    """One row per (engine, concurrency), times in ms; returns the ours/transformers ratios per level."""
+    cols = ["engine", "conc", "reqs", "tokens", "wall s", "tok/s", "TTFT50", "TTFT90", "TTFT99", "ITL50", "ITL90"]
+    header = f"{cols[0]:<13}" + "".join(f"{c:>8}" for c in cols[1:] + ["ITL99", "ours/HF", "other%"])
+    print(header + "\n" + "-" * len(header))
+    peers = {r.concurrency: r for r in results if r.engine == "transformers"}
+    ratios: dict[str, dict[str, float]] = {}
+    for r in results:
+        peer = peers[r.concurrency]
+        ratio = f"{r.tokens_per_s / peer.tokens_per_s:.2f}x" if r.engine == "ours" else ""
+        if r.engine == "ours":
+            ratios[str(r.concurrency)] = {
+                "tokens_per_s": r.tokens_per_s / peer.tokens_per_s,
+                "ttft_p50": r.ttft_s["p50"] / peer.ttft_s["p50"],
+                "itl_p50": r.itl_s["p50"] / peer.itl_s["p50"],
+            }
+        lat = [d[p] * 1e3 for d in (r.ttft_s, r.itl_s) for p in ("p50", "p90", "p99")]
+        row = [r.concurrency, r.requests, r.output_tokens, f"{r.wall_s:.2f}", f"{r.tokens_per_s:.1f}"]
+        row += [f"{v:.1f}" for v in lat] + [ratio, f"{r.other_cpu_share:.0%}"]
+        print(f"{r.engine:<13}" + "".join(f"{v:>8}" for v in row))
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", default=None, help="comma list of levels (default 1,8,32; quick 1,4)")
     ap.add_argument("--single-requests", type=int, default=None, help="sequential requests at level 1 (default 4)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both engines")
-    ap.add_argument("--retries", type=int, default=2, help="repeats of a level disturbed by other processes")
-    ap.add_argument("--output", default="bench_results/engine_benchmark.json")
+    ap.add_argument("--retries", type=int, default=2, help="repeats of a wave disturbed by other processes")
+    ap.add_argument("--budget", type=float, default=180, help="seconds in all for quiet waits and repeats")
+    ap.add_argument("--output", default="bench_results/engine_benchmark.json", help="JSON report path")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     args = ap.parse_args(argv)
     max_new = args.max_new_tokens or (16 if args.quick else 128)
@@ -271,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     single = args.single_requests or (1 if args.quick else 4)
     torch.set_num_threads(args.threads)
     started = time.monotonic()
+    share = args.budget / (2 * len(levels))  # of the waiting/repeating budget, per (engine, level)
 
     from engine import LLM
     from engine.default_model import default_model_path
@@ -285,18 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.monotonic() - started
 
     results: list[RunResult] = []
+    ours_fn, peer_fn = partial(run_ours, llm), partial(run_transformers, hf_model, hf_tok)
     agreement: dict[str, float] = {}
     for conc in levels:
-        ours, ours_tok = bench("ours", lambda p, n: run_ours(llm, p, n), prompts, conc, max_new, single, args.retries)
-        peer, peer_tok = bench(
-            "transformers",
-            lambda p, n: run_transformers(hf_model, hf_tok, p, n),
-            prompts,
-            conc,
-            max_new,
-            single,
-            args.retries,
-        )
+        ours, ours_tok = bench("ours", ours_fn, prompts, conc, max_new, single, args.retries, share)
+        peer, peer_tok = bench("transformers", peer_fn, prompts, conc, max_new, single, args.retries, share)
         results += [ours, peer]
         # greedy sanity check up to our first EOS (transformers suppresses EOS, so later tokens differ legitimately)
         eos = set(llm.engine.eos_token_ids)
@@ -310,38 +336,26 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-    wbytes = weight_bytes(llm.engine.runner.model)
-    hf_bytes = weight_bytes(hf_model)
-    bandwidth = copy_bandwidth(0.25 if args.quick else 1.0)
-    ceiling = bandwidth * 1e9 / wbytes
+    wbytes, resident = weight_bytes(llm.engine.runner.model)
+    wait_for_quiet(10.0)
+    bandwidth, copy_bw = memory_bandwidth(0.25 if args.quick else 1.0)
+    roofline = {
+        "weight_bytes_per_decode_step": wbytes,
+        "weight_bytes_resident": resident,
+        "transformers_weight_bytes": weight_bytes(hf_model)[0],
+        "read_bandwidth_gb_s": bandwidth,
+        "copy_bandwidth_gb_s": copy_bw,
+        "batch1_ceiling_tokens_per_s": bandwidth * 1e9 / wbytes,
+    }
 
-    by_key = {(r.engine, r.concurrency): r for r in results}
-    header = (
-        f"{'engine':<13}{'conc':>5}{'reqs':>5}{'tokens':>7}{'wall s':>8}{'tok/s':>9}{'TTFT50':>8}{'TTFT90':>8}"
-        f"{'TTFT99':>8}{'ITL50':>8}{'ITL90':>8}{'ITL99':>8}{'ours/HF':>9}{'other':>7}"
-    )
+    print(f"\nmax_new_tokens={max_new}, bf16, {args.threads} threads, {cpu_model()}, torch {torch.__version__}")
+    ratios = print_table(results)
     print(
-        f"\nmax_new_tokens={max_new}, bf16, {args.threads} threads, {cpu_model()}, torch {torch.__version__}"
-        "  (times in ms)"
+        f"\nroofline: weights read {wbytes / 1e6:.1f} MB/decode step (tied once; resident {resident / 1e6:.1f} MB; "
+        f"transformers {roofline['transformers_weight_bytes'] / 1e6:.1f} MB), read bandwidth {bandwidth:.1f} GB/s "
+        f"(copy {copy_bw:.1f}) -> batch-1 ceiling {roofline['batch1_ceiling_tokens_per_s']:.0f} tok/s"
     )
-    print(header + "\n" + "-" * len(header))
-    ratios: dict[str, dict[str, float]] = {}
-    for r in results:
-        ratio = None
-        if r.engine == "ours":
-            peer = by_key[("transformers", r.concurrency)]
-            ratio = r.tokens_per_s / peer.tokens_per_s
-            ratios[str(r.concurrency)] = {
-                "tokens_per_s": ratio,
-                "ttft_p50": r.ttft_s["p50"] / peer.ttft_s["p50"],
-                "itl_p50": r.itl_s["p50"] / peer.itl_s["p50"],
-            }
-        print(fmt(r, ratio))
-    print(
-        f"\nroofline: weights {wbytes / 1e6:.1f} MB/decode step (tied counted once; transformers "
-        f"{hf_bytes / 1e6:.1f} MB), copy bandwidth {bandwidth:.1f} GB/s -> batch-1 ceiling {ceiling:.0f} tok/s"
-    )
-    print(f"greedy agreement with transformers before our first EOS (fraction of tokens): {agreement}")
+    print(f"greedy agreement with transformers before our first EOS (bf16 kernels differ, drift expected): {agreement}")
     print(f"transformers setup: {hf_note}")
     total_s = time.monotonic() - started
     print(f"total {total_s:.0f}s (model loads {load_s:.0f}s)")
@@ -361,12 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": [asdict(r) for r in results],
         "ratios_ours_over_transformers": ratios,
         "greedy_agreement_before_eos": agreement,
-        "roofline": {
-            "weight_bytes": wbytes,
-            "transformers_weight_bytes": hf_bytes,
-            "copy_bandwidth_gb_s": bandwidth,
-            "batch1_ceiling_tokens_per_s": ceiling,
-        },
+        "roofline": roofline,
         "transformers_setup": hf_note,
         "notes": "ours: LLM(None, dtype='bfloat16'), all requests added at once, engine.step() until done, "
         "ignore_eos=True; TTFT = first token stamp - arrival; ITL = gaps between a request's token stamps. "

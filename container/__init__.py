@@ -1,1 +1,1 @@
-"""What SageMaker starts: the `serve` launcher, settings from the environment. Built in a later issue."""
+"""What SageMaker starts: the `serve` launcher (container.launcher) and the settings it reads from the environment."""

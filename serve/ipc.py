@@ -1,0 +1,158 @@
+"""What travels between the launcher, the engine process and the gunicorn workers: socket addresses, the
+pickled messages (both ends are ours), the engine's start-up report and the config each worker reads.
+
+Workers' DEALER sockets talk to the engine's ROUTER (requests in, token events out); stats come on a PUB.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from serve.engine_protocol import (
+    EngineError,
+    GenerateRequest,
+    GenerationError,
+    ModelInfo,
+    OverloadedError,
+    TokenEvent,
+    UnavailableError,
+    ValidationError,
+)
+from serve.server_config import ServerConfig
+
+if TYPE_CHECKING:
+    from engine.outputs import RequestOutput
+
+STATS_INTERVAL_S = 0.25  # the engine publishes EngineStats this often
+STATS_STALE_AFTER_S = 3.0  # a worker treats the engine as gone when it heard nothing for this long
+_MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
+
+_ERRORS: dict[str, type[EngineError]] = {
+    cls.error_type: cls for cls in (GenerationError, ValidationError, OverloadedError, UnavailableError)
+}
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux; a no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
+
+
+@dataclass(frozen=True)
+class Addresses:
+    requests: str  # the engine's ROUTER: Submit/Abort in, [(tag, TokenEvent | Failure)] out
+    stats: str  # the engine's PUB: EngineStats
+
+    @classmethod
+    def in_dir(cls, runtime_dir: str) -> Addresses:
+        paths = [os.path.join(runtime_dir, name) for name in ("engine.sock", "stats.sock")]
+        too_long = [p for p in paths if len(p.encode()) > _MAX_UNIX_PATH]
+        if too_long:
+            raise ValueError(f"unix socket path {too_long[0]!r} is too long; use a shorter TMPDIR")
+        return cls(*(f"ipc://{p}" for p in paths))
+
+
+@dataclass(frozen=True)
+class Submit:
+    tag: int  # unique per worker connection; events come back under it
+    request: GenerateRequest
+
+
+@dataclass(frozen=True)
+class Abort:
+    tag: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The request failed or was refused; `error_type` is an EngineError subclass's error_type."""
+
+    error_type: str
+    message: str
+
+    @classmethod
+    def of(cls, error: EngineError) -> Failure:
+        return cls(error.error_type, str(error))
+
+    def exception(self) -> EngineError:
+        return _ERRORS.get(self.error_type, GenerationError)(self.message)
+
+
+Reply = tuple[int, "TokenEvent | Failure"]
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the engine process reports to the launcher once the model is loaded and warmed up."""
+
+    model_dir: str
+    gguf_file: str | None
+    model_context: int  # the model's own max_position_embeddings
+    max_model_len: int  # the engine's context (capped by MAX_TOTAL_TOKENS)
+    dtype: str
+    device_type: str
+    eos_token_ids: list[int]
+    kv_cache_tokens: int
+    max_batch_prefill_tokens: int
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    addresses: Addresses
+    server: ServerConfig
+    model_info: ModelInfo
+    tokenizer_dir: str
+    tokenizer_gguf: str | None
+    trust_remote_code: bool
+    log_level: str
+
+    def write(self, path: str) -> None:
+        with open(path, "wb") as f:
+            pickle.dump(self, f)
+
+    @staticmethod
+    def read(path: str) -> WorkerConfig:
+        with open(path, "rb") as f:
+            config = pickle.load(f)
+        if not isinstance(config, WorkerConfig):
+            raise TypeError(f"{path} does not hold a WorkerConfig")
+        return config
+
+
+def token_event(request: GenerateRequest, added_wall: float, out: RequestOutput) -> TokenEvent:
+    """The TokenEvent for one RequestOutput; the final one carries timings from the HTTP arrival (seconds)."""
+    timings: dict[str, float] = {}
+    m = out.metrics
+    if out.finished and m is not None and m.finished_time is not None:
+        transit = max(0.0, added_wall - request.arrival_time)  # HTTP arrival -> add_request
+        scheduled = m.first_scheduled_time if m.first_scheduled_time is not None else m.arrival_time
+        first_token = m.first_token_time if m.first_token_time is not None else m.finished_time
+        inference = m.finished_time - scheduled
+        timings = {
+            "queue": transit + scheduled - m.arrival_time,
+            "first_token": transit + first_token - m.arrival_time,
+            "inference": inference,
+            "total": transit + m.finished_time - m.arrival_time,
+            "time_per_token": inference / max(1, len(out.token_ids)),
+        }
+    return TokenEvent(
+        request_id=request.request_id,
+        token_ids=list(out.new_token_ids),
+        text=out.new_text,
+        logprobs=list(out.new_logprobs),
+        top_tokens=list(out.new_top_tokens),
+        finished=out.finished,
+        finish_reason=out.finish_reason,
+        generated_text=out.text if out.finished else None,
+        num_generated_tokens=len(out.token_ids),
+        seed=out.seed,
+        timings=timings,
+    )

@@ -1,0 +1,251 @@
+"""Every error status and body: 422 (TGI's messages), 413, 400, 415, 401, 429, 424 and 503, all as
+{"error", "error_type"}; streaming requests that fail admission get a real status before any byte.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask.testing import FlaskClient
+
+from serve.engine_protocol import OverloadedError
+from tests.serve.app_support import CHAT, Served, error, sse_events
+
+TGI_422 = [
+    ({"inputs": ""}, "`inputs` cannot be empty"),
+    ({"inputs": "Hi", "parameters": {"max_new_tokens": 0}}, "`max_new_tokens` must be strictly positive"),
+    ({"inputs": "Hi", "parameters": {"temperature": 0}}, "`temperature` must be strictly positive"),
+    ({"inputs": "Hi", "parameters": {"top_p": 1.0}}, "`top_p` must be > 0.0 and < 1.0"),
+    ({"inputs": "Hi", "parameters": {"typical_p": 1.5}}, "`typical_p` must be > 0.0 and < 1.0"),
+    ({"inputs": "Hi", "parameters": {"top_k": 0}}, "`top_k` must be strictly positive"),
+    ({"inputs": "Hi", "parameters": {"repetition_penalty": 0}}, "`repetition_penalty` must be strictly positive"),
+    ({"inputs": "Hi", "parameters": {"frequency_penalty": 3}}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"inputs": "Hi", "parameters": {"stop": list("abcde")}}, "`stop` supports up to 4 stop sequences. Given: 5"),
+    ({"inputs": "Hi", "parameters": {"top_n_tokens": 6}}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+    (
+        {"inputs": "Hi", "parameters": {"truncate": 0}},
+        "`truncate` must be strictly positive and less than 96. Given: 0",
+    ),
+    (
+        {"inputs": "Hi", "parameters": {"truncate": 97}},
+        "`truncate` must be strictly positive and less than 96. Given: 97",
+    ),
+    ({"inputs": "Hi", "parameters": {"best_of": 3, "do_sample": True}}, "`best_of` must be > 0 and <= 2. Given: 3"),
+    ({"inputs": "Hi", "parameters": {"best_of": 2}}, "you must use sampling when `best_of` is > 1"),
+    (
+        {"inputs": "Hi", "parameters": {"best_of": 2, "do_sample": True, "seed": 1}},
+        "`seed` must not be set when `best_of` > 1",
+    ),
+    ({"inputs": "Hi", "parameters": {"seed": -1}}, "`seed` must be >= 0 and < 2^64. Given: -1"),
+    ({"inputs": "Hi", "parameters": {"watermark": True}}, "watermark is not supported"),
+    ({"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": {}}}}, "grammar is not supported"),
+    ({"inputs": "Hi", "parameters": {"stop": [""]}}, "`stop` sequences must be non-empty strings, got ''"),
+    ({"inputs": 5}, "Failed to deserialize the JSON body into the target type: inputs: Input should be a valid string"),
+    ({"parameters": {}}, "Failed to deserialize the JSON body into the target type: inputs: Field required"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), TGI_422)
+def test_generate_422(api: FlaskClient, body: dict, message: str) -> None:
+    assert error(api.post("/generate", json=body), 422, "validation") == message
+
+
+def sentences(tokenizer: object, low: int, high: int) -> tuple[str, int]:
+    """Repeated text whose token count n is in [low, high]."""
+    for k in range(1, 40):
+        text = "The quick brown fox jumps over the lazy dog. " * k
+        n = len(tokenizer(text)["input_ids"])  # type: ignore[operator]
+        if low <= n <= high:
+            return text, n
+    raise AssertionError("no repetition count fits")
+
+
+def test_token_budget_422(api: FlaskClient, serve_env: Served) -> None:
+    n = len(serve_env.tokenizer("Hello world")["input_ids"])
+    r = api.post("/generate", json={"inputs": "Hello world", "parameters": {"max_new_tokens": 200}})
+    expected = f"`inputs` tokens + `max_new_tokens` must be <= 128. Given: {n} `inputs` tokens and 200 `max_new_tokens`"
+    assert error(r, 422, "validation") == expected
+    long_text, n_long = sentences(serve_env.tokenizer, 129, 400)
+    r = api.post("/generate", json={"inputs": long_text, "parameters": {"max_new_tokens": 1}})
+    expected = (
+        f"`inputs` tokens + `max_new_tokens` must be <= 128. Given: {n_long} `inputs` tokens and 1 `max_new_tokens`"
+    )
+    assert error(r, 422, "validation") == expected
+    medium, n_medium = sentences(serve_env.tokenizer, 97, 126)
+    r = api.post("/generate", json={"inputs": medium, "parameters": {"max_new_tokens": 1}})
+    assert error(r, 422, "validation") == f"`inputs` must have less than 96 tokens. Given: {n_medium}"
+    r = api.post("/generate", json={"inputs": medium, "parameters": {"max_new_tokens": 1, "truncate": 50}})
+    assert r.status_code == 200 and r.headers["x-prompt-tokens"] == "50"
+    chat_ids = serve_env.tokenizer(
+        serve_env.tokenizer.apply_chat_template(CHAT["messages"], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]  # noqa: E501
+    r = api.post("/v1/chat/completions", json={**CHAT, "max_tokens": 500})
+    expected = f"`inputs` tokens + `max_new_tokens` must be <= 128. Given: {len(chat_ids)} `inputs` tokens and 500 `max_new_tokens`"  # noqa: E501
+    assert error(r, 422, "validation") == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"inputs": "Hi", "parameters": {"best_of": 2, "do_sample": True}},
+            "`best_of` != 1 is not supported when streaming tokens",
+        ),
+        (
+            {"inputs": "Hi", "parameters": {"decoder_input_details": True}},
+            "`decoder_input_details` == true is not supported when streaming tokens",
+        ),
+        ({"inputs": ""}, "`inputs` cannot be empty"),
+    ],
+)
+def test_stream_validation_is_a_real_422(api: FlaskClient, body: dict, message: str) -> None:
+    assert error(api.post("/generate_stream", json=body), 422, "validation") == message
+    assert error(api.post("/invocations", json={**body, "stream": True}), 422, "validation") == message
+
+
+def test_payload_too_large_413(serve_env: Served) -> None:
+    client = serve_env.app(payload_limit=1000).test_client()
+    big = {"inputs": "x" * 2000}
+    assert "Payload too large" in error(client.post("/generate", json=big), 413, "payload_too_large")
+    # a chunked body (no Content-Length) is cut at the limit while it is read
+    r = client.post(
+        "/generate",
+        input_stream=io.BytesIO(b'{"inputs": "' + b"x" * 2000 + b'"}'),
+        content_type="application/json",
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    error(r, 413, "payload_too_large")
+
+
+def test_malformed_json_and_invalid_utf8_400(api: FlaskClient) -> None:
+    msg = error(api.post("/generate", data=b'{"inputs": "Hi",', content_type="application/json"), 400, "bad_request")
+    assert msg.startswith("Failed to parse the request body as JSON")
+    msg = error(
+        api.post("/generate", data=b'{"inputs": "\xff\xfe"}', content_type="application/json"), 400, "bad_request"
+    )
+    assert msg.startswith("The request body is not valid UTF-8")
+    nan = b'{"inputs": "Hi", "parameters": {"temperature": NaN}}'
+    error(api.post("/generate", data=nan, content_type="application/json"), 400, "bad_request")
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_unsupported_content_type_415(api: FlaskClient, content_type: str) -> None:
+    r = api.post("/generate", data=b'{"inputs": "Hi"}', content_type=content_type)
+    assert "Content-Type: application/json" in error(r, 415, "unsupported_media_type")
+
+
+def test_api_key_401(serve_env: Served) -> None:
+    client = serve_env.app(api_key="s3cret").test_client()
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    r = client.post("/generate", json=body)
+    assert error(r, 401, "authentication").startswith("Unauthorized") and r.headers["WWW-Authenticate"] == "Bearer"
+    error(client.post("/generate", json=body, headers={"Authorization": "Bearer nope"}), 401, "authentication")
+    error(client.get("/info"), 401, "authentication")
+    assert client.post("/generate", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    for route in ("/ping", "/health", "/metrics"):
+        assert client.get(route).status_code == 200, route
+
+
+@pytest.fixture
+def gate(serve_env: Served, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold the engine loop inside step() until the event is set (requests stay in flight)."""
+    event = threading.Event()
+    real_step = serve_env.engine.step
+
+    def held_step() -> list:
+        event.wait(10)
+        return real_step()
+
+    monkeypatch.setattr(serve_env.engine, "step", held_step)
+    yield event
+    event.set()
+
+
+def test_overloaded_429(
+    serve_env: Served, api: FlaskClient, gate: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: E501
+    monkeypatch.setattr(serve_env.client, "max_concurrent_requests", 2)
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(api.post("/generate", json=body).status_code)) for _ in range(2)
+    ]  # noqa: E501
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while serve_env.client.num_in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert serve_env.client.num_in_flight == 2
+    assert error(api.post("/generate", json=body), 429, "overloaded") == "Model is overloaded"
+    assert error(api.post("/generate_stream", json=body), 429, "overloaded") == "Model is overloaded"
+    chat = {**CHAT, "max_tokens": 2, "stream": True}
+    assert error(api.post("/v1/chat/completions", json=chat), 429, "overloaded") == "Model is overloaded"
+    started = time.perf_counter()
+    assert api.get("/ping").status_code == 200  # the engine loop is stuck, /ping is not
+    assert time.perf_counter() - started < 0.5
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert results == [200, 200]
+    assert issubclass(OverloadedError, Exception)
+
+
+def failing_step(serve_env: Served, after: int) -> Callable[[], list]:
+    real_step, calls = serve_env.engine.step, [0]
+
+    def step() -> list:
+        calls[0] += 1
+        if calls[0] > after:
+            raise RuntimeError("boom")
+        return real_step()
+
+    return step
+
+
+def test_generation_failure_424(serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_env.engine, "step", failing_step(serve_env, after=3))
+    r = api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
+    assert error(r, 424, "generation") == "Request failed during generation: boom"
+    # a failure before the first token is a real status for a stream too
+    r = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
+    assert error(r, 424, "generation") == "Request failed during generation: boom"
+
+
+def test_generation_failure_mid_stream_is_an_sse_error(
+    serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serve_env.engine, "step", failing_step(serve_env, after=3))
+    r = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
+    assert r.status_code == 200
+    events = sse_events(r.get_data())
+    assert events[-1] == {"error": "Request failed during generation: boom", "error_type": "generation"}
+    assert all("token" in e for e in events[:-1]) and len(events) == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(serve_env.engine, "step", failing_step(serve_env, after=2))
+    r = api.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20, "stream": True})
+    events = sse_events(r.get_data())
+    assert events[-1] == {"error": "Request failed during generation: boom", "error_type": "generation"}
+    assert "[DONE]" not in events
+
+
+def test_draining_503(serve_env: Served, api: FlaskClient) -> None:
+    serve_env.client.drain()
+    try:
+        deadline = time.monotonic() + 5
+        while not serve_env.client.stats().draining and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        assert error(api.get("/ping"), 503, "unhealthy") == "unhealthy: the server is draining"
+        body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+        assert error(api.post("/generate", json=body), 503, "unhealthy") == "the server is draining"
+        assert error(api.post("/generate_stream", json=body), 503, "unhealthy") == "the server is draining"
+    finally:
+        serve_env.client.drain(False)
+    deadline = time.monotonic() + 5
+    while serve_env.client.stats().draining and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    assert api.get("/ping").status_code == 200

@@ -1,0 +1,193 @@
+"""The non-generation routes: health, info, models, tokenize, metrics, the OpenAPI document, unknown
+routes; and the access log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+from flask.testing import FlaskClient
+
+from serve.app import create_app
+from serve.engine_protocol import EngineClient, EngineStats, GenerateRequest, ModelInfo, TokenEvent, UnavailableError
+from serve.openapi import ROUTES
+from serve.server_config import ServerConfig
+from tests.serve.app_support import Served
+
+INFO = ModelInfo("stub", "torch.float32", "cpu", 10, 20, 100, 50, 4, [1])
+
+
+class StubClient(EngineClient):
+    """An engine that never generates, with settable stats."""
+
+    def __init__(self, stats: EngineStats | None) -> None:
+        self._stats = stats
+
+    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+        raise UnavailableError("the engine is not available")
+        yield  # pragma: no cover
+
+    def stats(self) -> EngineStats | None:
+        return self._stats
+
+    def model_info(self) -> ModelInfo:
+        return INFO
+
+
+def stats(ready: bool = True, draining: bool = False) -> EngineStats:
+    return EngineStats(ready, draining, 0, 0, 0, 0.0, 10, time.time())
+
+
+@pytest.mark.parametrize("route", ["/ping", "/health"])
+def test_health(api: FlaskClient, route: str) -> None:
+    r = api.get(route)
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("state", [None, stats(ready=False), stats(draining=True)])
+@pytest.mark.parametrize("route", ["/ping", "/health"])
+def test_unhealthy_is_503(serve_env: Served, state: EngineStats | None, route: str) -> None:
+    app = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.tokenizer)
+    r = app.test_client().get(route)
+    assert r.status_code == 503
+    assert r.json["error_type"] == "unhealthy" and "unhealthy" in r.json["error"]
+
+
+def test_info(api: FlaskClient, serve_env: Served) -> None:
+    info = api.get("/info").json
+    assert info["model_id"] == "tiny-llama"
+    assert info["model_dtype"] == "torch.float32" and info["model_device_type"] == "cpu"
+    assert info["max_input_tokens"] == info["max_input_length"] == serve_env.config.max_input_tokens
+    assert info["max_total_tokens"] == serve_env.config.max_total_tokens
+    expected = ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_client_batch_size")
+    for key in expected:
+        assert info[key] == getattr(serve_env.config, key)
+    assert info["max_batch_total_tokens"] == 4096
+    assert info["router"] == "text-generation-router" and info["version"]
+
+
+def test_models(api: FlaskClient) -> None:
+    body = api.get("/v1/models").json
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"]) for m in body["data"]] == [("tiny-llama", "model")]
+
+
+def test_tokenize(api: FlaskClient, serve_env: Served) -> None:
+    text = "Hello wörld"
+    tokens = api.post("/tokenize", json={"inputs": text}).json
+    assert [t["id"] for t in tokens] == serve_env.tokenizer(text)["input_ids"]
+    assert tokens[0]["text"] == "" and tokens[0]["start"] == tokens[0]["stop"] == 0  # <s>
+    assert "".join(t["text"] for t in tokens) == text
+    assert all(text[t["start"] : t["stop"]] == t["text"] for t in tokens)
+
+
+def test_metrics_names_and_counts(api: FlaskClient) -> None:
+    assert api.post("/generate", json={"inputs": "Hi there", "parameters": {"max_new_tokens": 4}}).status_code == 200
+    assert api.post("/generate", json={"inputs": ""}).status_code == 422
+    r = api.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    text = r.get_data(as_text=True)
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["tgi_request_count_total"] == 2
+    assert values["tgi_request_success_total"] == 1
+    assert values['tgi_request_failure_total{err="validation"}'] == 1
+    assert values["tgi_request_generated_tokens_sum"] == 4
+    assert values["tgi_request_duration_count"] == 1
+    assert values["llm_time_to_first_token_seconds_count"] == 1
+    assert values["llm_inter_token_latency_seconds_count"] == 3
+    for name in (
+        "tgi_request_validation_duration_count",
+        "tgi_request_queue_duration_count",
+        "tgi_request_inference_duration_count",
+        "tgi_request_mean_time_per_token_duration_count",
+        "tgi_request_input_length_count",
+        "tgi_request_max_new_tokens_count",
+    ):
+        assert values[name] == 1, name
+    for gauge in (
+        "tgi_queue_size",
+        "tgi_batch_current_size",
+        "tgi_batch_current_max_tokens",
+        "llm_kv_cache_usage_ratio",
+    ):
+        assert gauge in values
+    assert values["llm_engine_ready"] == 1
+
+
+def test_metrics_multiprocess_dir(serve_env: Served, tmp_path) -> None:  # noqa: ANN001
+    """With a multiprocess directory /metrics merges the workers' files and still reports the gauges."""
+    text = serve_env.app(metrics_dir=str(tmp_path)).test_client().get("/metrics").get_data(as_text=True)
+    assert "tgi_queue_size" in text and "llm_kv_cache_usage_ratio" in text
+
+
+def test_openapi_lists_every_route(serve_env: Served) -> None:
+    app = serve_env.app()
+    served = {
+        (method.lower(), rule.rule)
+        for rule in app.url_map.iter_rules()
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    assert served == set(ROUTES)
+    doc = app.test_client().get("/openapi.json").json
+    assert doc["openapi"].startswith("3.")
+    documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == served
+    schemas = doc["components"]["schemas"]
+    for name in ("GenerateRequest", "GenerateParameters", "GenerateResponse", "StreamResponse", "ChatRequest"):
+        assert name in schemas
+    refs = json.dumps(doc)
+    for ref in {part.split('"')[0] for part in refs.split("#/components/schemas/")[1:]}:
+        assert ref in schemas, ref
+
+
+def test_unknown_route_and_method_are_json(api: FlaskClient) -> None:
+    r = api.get("/nope")
+    assert r.status_code == 404 and r.json["error_type"] == "not_found"
+    r = api.get("/generate")
+    assert r.status_code == 405 and r.json["error_type"] == "method_not_allowed"
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(record.getMessage()))
+
+
+@pytest.fixture
+def access_log() -> Iterator[_Lines]:
+    handler = _Lines()
+    logger = logging.getLogger("serve.access")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_access_log_line(serve_env: Served, access_log: _Lines, log_prompts: bool) -> None:
+    client = serve_env.app(log_prompts=log_prompts).test_client()
+    secret = "my secret prompt"
+    headers = {"X-Amzn-SageMaker-Custom-Attributes": "trace=1"}
+    r = client.post("/generate", json={"inputs": secret, "parameters": {"max_new_tokens": 3}}, headers=headers)
+    client.get("/ping")  # a passing probe is not logged
+    assert r.status_code == 200
+    assert len(access_log.lines) == 1
+    line = access_log.lines[0]
+    assert line["id"] == r.headers["x-request-id"]
+    assert line["route"] == "/generate" and line["status"] == 200 and line["custom_attributes"] is True
+    assert line["prompt_tokens"] == int(r.headers["x-prompt-tokens"]) and line["generated_tokens"] == 3
+    assert line["finish_reason"] == "length"
+    assert line["ttft_ms"] > 0 and line["total_ms"] >= line["ttft_ms"] and line["queue_ms"] is not None
+    assert (secret in json.dumps(line)) is log_prompts
+    assert "trace=1" not in json.dumps(line)

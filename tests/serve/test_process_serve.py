@@ -1,0 +1,130 @@
+"""`serve` as SageMaker runs it: a real launcher, engine process and gunicorn on a free port.
+
+SIGTERM drains (the in-flight stream completes, /ping and new requests get 503, exit 0); a process that dies
+takes the server down with a non-zero exit; nothing is ever left running.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.serve._process import Serve, base_env, free_port, wait_gone, write_chain_model
+
+CONTEXT = 4096  # long streams: the chain model never stops before max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def opt_ml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SageMaker-style /opt/ml with the model in model/ (HF_MODEL_ID stays unset)."""
+    root = tmp_path_factory.mktemp("opt_ml")
+    write_chain_model(root / "model", context=CONTEXT)
+    return root
+
+
+def serve_env(opt_ml: Path) -> dict[str, str]:
+    return base_env(
+        SM_OPT_ML_DIR=str(opt_ml),
+        SAGEMAKER_BIND_TO_PORT=str(free_port()),
+        MAX_TOTAL_TOKENS=str(CONTEXT),
+        MAX_CONCURRENT_REQUESTS="4",
+        SERVE_WORKERS="1",
+        DTYPE="float32",
+    )
+
+
+@pytest.fixture
+def serve(opt_ml: Path, tmp_path: Path) -> Iterator[Serve]:
+    server = Serve(serve_env(opt_ml), tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+
+
+def stream(server: Serve, max_new_tokens: int, first: threading.Event, events: list[dict]) -> None:
+    body = {"inputs": "é", "parameters": {"max_new_tokens": max_new_tokens}}
+    request = urllib.request.Request(
+        server.url("/generate_stream"), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        for line in response:
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[5:]))
+                first.set()
+    first.set()
+
+
+def test_sigterm_drains_in_flight_stream_then_exits_zero(serve: Serve, opt_ml: Path) -> None:
+    assert f"{opt_ml / 'model'}" in serve.log()  # HF_MODEL_ID unset: SM_OPT_ML_DIR/model was served
+    status, body = serve.post("/generate", {"inputs": "é", "parameters": {"max_new_tokens": 6}})
+    assert status == 200, body
+    tree, runtime = [serve.ps, *serve.descendants()], serve.runtime_dir()
+    assert len(tree) >= 4, tree  # launcher, engine, gunicorn master and worker (and the resource tracker)
+
+    first, events = threading.Event(), []
+    reader = threading.Thread(target=stream, args=(serve, CONTEXT - 16, first, events))
+    reader.start()
+    assert first.wait(30) and events, serve.log()
+    serve.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while serve.status("/ping") != 503:
+        assert time.monotonic() < deadline, "/ping never turned 503 during the drain"
+        time.sleep(0.05)
+    status, _ = serve.post("/generate", {"inputs": "é", "parameters": {"max_new_tokens": 2}})
+    assert status == 503
+    assert reader.is_alive(), "the stream ended before the drain could be observed"
+
+    reader.join(60)
+    assert not reader.is_alive()
+    assert events[-1]["generated_text"] is not None and len(events) == CONTEXT - 16
+    assert serve.wait_exit(40) == 0, serve.log()
+    assert wait_gone(tree) == [] and not runtime.exists()
+
+
+@pytest.mark.parametrize("victim", ["engine", "gunicorn", "launcher"])
+def test_a_dying_process_takes_the_whole_tree_down(serve: Serve, victim: str) -> None:
+    """Engine or gunicorn killed: the launcher stops the other and exits non-zero. Launcher killed: the engine and
+    gunicorn get the kernel's parent-death signal and stop by themselves. Never an orphan."""
+    tree, runtime = [serve.ps, *serve.descendants()], serve.runtime_dir()
+    assert (runtime / "worker.pkl").is_file()
+    try:
+        pick = {"engine": serve.engine_process, "gunicorn": serve.gunicorn_master, "launcher": lambda: serve.ps}
+        pick[victim]().kill()
+        code = serve.wait_exit(40)
+        assert code != 0, serve.log()
+        deadline = time.monotonic() + 10  # until gunicorn closes its socket: 503 (the engine's connection dropped)
+        while (status := serve.status("/ping", timeout=2)) not in (None, 503):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+        assert wait_gone(tree, timeout=30) == [], serve.log()
+        if victim != "launcher":
+            assert f"{victim} exited with code" in serve.log().replace("engine process", "engine")
+            assert not runtime.exists()  # the launcher removed its sockets and files
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)  # a SIGKILLed launcher cannot clean up
+
+
+def test_sigterm_while_the_model_loads_exits_zero(opt_ml: Path, tmp_path: Path) -> None:
+    server = Serve(serve_env(opt_ml), tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not any("spawn_main" in " ".join(p.cmdline()) for p in server.descendants()):
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
+            time.sleep(0.05)
+        tree = [server.ps, *server.descendants()]
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_exit(20) == 0, server.log()
+        assert wait_gone(tree) == []
+        assert "gunicorn" not in server.log()
+    finally:
+        server.close()

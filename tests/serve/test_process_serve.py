@@ -128,3 +128,44 @@ def test_sigterm_while_the_model_loads_exits_zero(opt_ml: Path, tmp_path: Path) 
         assert "gunicorn" not in server.log()
     finally:
         server.close()
+
+
+def _metric(server: Serve, name: str) -> float:
+    with urllib.request.urlopen(server.url("/metrics"), timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_kv(serve: Serve) -> None:
+    """A client that hangs up mid-stream on the real server: its request leaves the engine well before the
+    thousands of tokens it asked for could have been generated, and its KV blocks return (engine stats)."""
+    import http.client
+
+    began = time.monotonic()  # how long the whole generation takes when nobody hangs up
+    status, _ = serve.post("/generate", {"inputs": "é", "parameters": {"max_new_tokens": CONTEXT - 16}}, timeout=60)
+    full = time.monotonic() - began
+    assert status == 200
+
+    conn = http.client.HTTPConnection("127.0.0.1", serve.port, timeout=30)
+    body = json.dumps({"inputs": "é", "parameters": {"max_new_tokens": CONTEXT - 16}})
+    conn.request("POST", "/generate_stream", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    line = b""
+    while not line.startswith(b"data:"):  # streaming has begun (response.readline undoes the chunking)
+        line = response.readline()
+        assert line, "the stream ended at once"
+    deadline = time.monotonic() + 10
+    while _metric(serve, "llm_kv_cache_usage_ratio") == 0.0:  # stats are published a few times a second
+        assert time.monotonic() < deadline, "the request never showed up in the engine's stats"
+        time.sleep(0.05)
+    started = time.monotonic()
+    conn.sock.close()  # hang up without reading the rest
+    conn.close()
+    while _metric(serve, "llm_requests_in_flight") != 0 or _metric(serve, "llm_kv_cache_usage_ratio") != 0.0:
+        assert time.monotonic() - started < full / 2, f"the abandoned request kept running (full run {full:.1f} s)"
+        time.sleep(0.02)
+    status, _ = serve.post("/generate", {"inputs": "é", "parameters": {"max_new_tokens": 4}})
+    assert status == 200  # the server is still healthy

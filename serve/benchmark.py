@@ -72,6 +72,7 @@ class LevelResult:
     loadavg_before: list[float]
     loadavg_after: list[float]
     errors: list[str]
+    ping_s: dict[str, float] = field(default_factory=dict)  # GET /ping latency while the level ran
 
 
 def build_prompts(tokenizer, n: int) -> list[str]:
@@ -144,6 +145,36 @@ def run_level(port: int, prompts: list[str], mode: str, level: float, n: int, ar
             samples = [f.result() for f in futures]
     bar.close()
     return [s for s in samples if s is not None]
+
+
+class PingProbe:
+    """GET /ping every 100 ms in a thread while a level runs: the health check must stay fast under load."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.port, self.latencies, self.stop = port, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            start = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/ping")
+                conn.getresponse().read()
+                conn.close()
+                self.latencies.append(time.monotonic() - start)
+            except OSError:
+                pass
+
+    def __enter__(self) -> PingProbe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def pct(values: list[float]) -> dict[str, float]:
@@ -233,11 +264,14 @@ def bench_server(name: str, server: Server, prompts: list[str], args: argparse.N
     results = []
     for mode, level, n_ours, n_base in plan(args):
         load0 = list(os.getloadavg())
-        samples = run_level(server.port, prompts, mode, level, n_ours if name == "ours" else n_base, args)
+        with PingProbe(server.port) as probe:
+            samples = run_level(server.port, prompts, mode, level, n_ours if name == "ours" else n_base, args)
         results.append(summarize(name, mode, level, samples, load0))
         r = results[-1]
+        r.ping_s = pct(probe.latencies)
         print(f"{name} {mode} {level:g}: {r.completed}/{r.requests} ok, {r.output_tokens_per_s:.1f} tok/s, "
-              f"TTFT p50 {r.ttft_s['p50'] * 1e3:.0f} ms, load {load0[0]:.2f}", flush=True)  # fmt: skip
+              f"TTFT p50 {r.ttft_s['p50'] * 1e3:.0f} ms, /ping p99 {r.ping_s['p99'] * 1e3:.1f} ms, "
+              f"load {load0[0]:.2f}", flush=True)  # fmt: skip
     return results
 
 

@@ -1,1 +1,3 @@
-"""Run the image locally as SageMaker does, and a local SageMaker-runtime emulator. Later issue."""
+"""Running like SageMaker without AWS: a local SageMaker-runtime emulator (InvokeEndpoint and
+InvokeEndpointWithResponseStream over AWS event-stream framing), forwarding to a running container.
+"""

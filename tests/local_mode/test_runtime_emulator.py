@@ -6,7 +6,6 @@ answer), the error shapes boto3 raises, and the event-stream frames as botocore'
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from botocore.parsers import EventStreamJSONParser
 
 from local_mode.event_stream import model_stream_error, payload_part
 from local_mode.runtime_emulator import RuntimeEmulator
-from tests.serve._process import Serve, base_env, free_port, write_chain_model
+from tests.serve._process import Serve, base_env, free_port, running_serve, write_chain_model
 from tests.serve.app_support import build_model
 
 ENDPOINT = "tiny-llm"
@@ -32,24 +31,10 @@ N = 12
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    env = base_env(
-        HF_MODEL_ID=str(build_model(tmp_path_factory.mktemp("emulator_model"))),
-        SM_OPT_ML_DIR=str(tmp_path_factory.mktemp("opt_ml")),
-        SAGEMAKER_BIND_TO_PORT=str(free_port()),
-        DTYPE="float32",
-        MAX_TOTAL_TOKENS="256",
-        MAX_BATCH_TOTAL_TOKENS="4096",
-        MAX_CONCURRENT_REQUESTS="8",
-        SERVE_WORKERS="1",
-    )
-    s = Serve(env, tmp_path_factory.mktemp("emulator_logs") / "serve.log")
-    try:
-        s.wait_ready()
+    with running_serve(
+        build_model(tmp_path_factory.mktemp("emulator_model")), tmp_path_factory.mktemp("emulator_serve")
+    ) as s:
         yield s
-        s.proc.send_signal(signal.SIGTERM)
-        assert s.wait_exit(40) == 0, s.log()
-    finally:
-        s.close()
 
 
 def _client(url: str):  # noqa: ANN202 (boto3's client classes are generated)

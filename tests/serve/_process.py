@@ -13,6 +13,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -160,3 +162,28 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 10) -> list[psut
     """Processes still alive after `timeout` (zombies count as gone)."""
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@contextmanager
+def running_serve(model_dir: Path, workdir: Path) -> Iterator[Serve]:
+    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits), ready to use;
+    on the way out it must drain on SIGTERM and exit 0."""
+    env = base_env(
+        HF_MODEL_ID=str(model_dir),
+        SM_OPT_ML_DIR=str(workdir / "opt_ml"),
+        SAGEMAKER_BIND_TO_PORT=str(free_port()),
+        DTYPE="float32",
+        MAX_TOTAL_TOKENS="256",
+        MAX_BATCH_TOTAL_TOKENS="4096",
+        MAX_CONCURRENT_REQUESTS="8",
+        SERVE_WORKERS="1",
+    )
+    (workdir / "opt_ml").mkdir(parents=True, exist_ok=True)
+    s = Serve(env, workdir / "serve.log")
+    try:
+        s.wait_ready()
+        yield s
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.wait_exit(40) == 0, s.log()
+    finally:
+        s.close()

@@ -7,7 +7,6 @@ Also the serving benchmark's baseline server (TGI-shaped, same greedy tokens) an
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import torch
 from huggingface_hub import InferenceClient
 
 from engine import LLM, RequestOutput, SamplingParams
-from tests.serve._process import Serve, base_env, free_port
+from tests.serve._process import Serve, base_env, free_port, running_serve
 from tests.serve.app_support import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation")  # its pydantic v1 calls
@@ -42,24 +41,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    env = base_env(
-        HF_MODEL_ID=str(model_dir),
-        SM_OPT_ML_DIR=str(tmp_path_factory.mktemp("opt_ml")),
-        SAGEMAKER_BIND_TO_PORT=str(free_port()),
-        DTYPE="float32",
-        MAX_TOTAL_TOKENS="256",
-        MAX_BATCH_TOTAL_TOKENS="4096",
-        MAX_CONCURRENT_REQUESTS="8",
-        SERVE_WORKERS="1",
-    )
-    s = Serve(env, tmp_path_factory.mktemp("client_logs") / "serve.log")
-    try:
-        s.wait_ready()
+    with running_serve(model_dir, tmp_path_factory.mktemp("client_serve")) as s:
         yield s
-        s.proc.send_signal(signal.SIGTERM)
-        assert s.wait_exit(40) == 0, s.log()
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from container.settings import Settings, SettingsError, child_environment, load_settings
+from serve.emf_exporter import EmfEmitter
 from serve.engine_protocol import ModelInfo
 from serve.engine_server import EngineProcessConfig, run
 from serve.ipc import Addresses, EngineFacts, WorkerConfig, die_with_parent
@@ -43,6 +44,7 @@ class Launcher:
         self.stopped = False
         self.engine_ready = False
         self.wakeup: socket.socket | None = None
+        self.emitter: EmfEmitter | None = None  # CloudWatch EMF lines, once gunicorn runs
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,6 +105,7 @@ class Launcher:
         config_path = os.path.join(self.runtime_dir, "worker.pkl")
         worker.write(config_path)
         self._start_gunicorn(config_path, metrics_dir)
+        self._start_emitter()  # a thread: only after gunicorn is forked
         return self._supervise()
 
     # ---- the engine -------------------------------------------------------------------------
@@ -186,6 +189,12 @@ class Launcher:
             preexec_fn=die_with_parent,  # SIGTERM to gunicorn if we die, even by SIGKILL
         )
 
+    def _start_emitter(self) -> None:
+        config = self.settings.cloudwatch
+        if config.enabled:
+            self.emitter = EmfEmitter(config, f"http://127.0.0.1:{self.settings.launcher.port}/metrics")
+            self.emitter.start()
+
     # ---- stopping ---------------------------------------------------------------------------
 
     def _stop_children(self) -> None:
@@ -193,6 +202,8 @@ class Launcher:
         if self.stopped:
             return
         self.stopped = True
+        if self.emitter is not None:
+            self.emitter.stop()
         engine, gunicorn = self.engine, self.gunicorn
         engine_alive = engine is not None and engine.is_alive()
         if engine is not None and engine_alive and not self.engine_ready:
@@ -254,6 +265,8 @@ class Launcher:
             if self.conn.poll(min(left, 0.2)) and self._discard_messages():
                 logger.info("drained: no request in flight")
                 break
+        if self.emitter is not None and self.gunicorn.poll() is None:
+            self.emitter.emit_once()  # the requests of the last, partial interval
         crashed = [
             name
             for name, code in (("engine", self.engine.exitcode), ("gunicorn", self.gunicorn.poll()))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import DTYPES, EngineConfig
+from serve.emf import DEFAULT_NAMESPACE
+from serve.emf_exporter import EmfConfig
 from serve.server_config import ServerConfig
 
 DEFAULT_TOTAL_TOKENS_CAP = 4096  # as TGI: MAX_TOTAL_TOKENS defaults to min(model context, 4096)
@@ -73,6 +75,26 @@ def _choice(*values: str) -> Callable[[str], str]:
 
 
 def _text(raw: str) -> str:
+    return raw
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not 1 <= value < float("inf"):
+        raise ValueError(raw)
+    return value
+
+
+def _namespace(raw: str) -> str:
+    """A custom CloudWatch namespace: 1-255 characters, no leading ':' and not AWS/ (reserved for AWS services)."""
+    if not 0 < len(raw) <= 255 or raw.startswith(":") or raw.upper().startswith("AWS/"):
+        raise ValueError(raw)
+    return raw
+
+
+def _dimension(raw: str) -> str:
+    if len(raw) > 1024:
+        raise ValueError(raw)
     return raw
 
 
@@ -137,6 +159,16 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("SERVE_THREADS",), _POSITIVE, _positive_int, "MAX_CONCURRENT_REQUESTS + 16", "threads per worker"),
     Variable(("SERVE_DRAIN_TIMEOUT",), "a non-negative number of seconds", float, "25",
              "on SIGTERM, how long in-flight requests may run on"),
+    Variable(("CLOUDWATCH_METRICS",), _BOOL, _bool, "true", "write a CloudWatch EMF metrics line to stdout every "
+             "interval"),
+    Variable(("CLOUDWATCH_NAMESPACE",), "a CloudWatch namespace (1-255 characters, not AWS/...)", _namespace,
+             DEFAULT_NAMESPACE, "namespace of the EMF metrics"),
+    Variable(("CLOUDWATCH_METRICS_INTERVAL",), "a number of seconds >= 1", _seconds, "60",
+             "seconds between EMF lines"),
+    Variable(("CLOUDWATCH_ENDPOINT_NAME",), "an endpoint name (at most 1024 characters)", _dimension, "-",
+             "`EndpointName` dimension of the EMF metrics (the SDK sets it; no such dimension when unset)"),
+    Variable(("CLOUDWATCH_VARIANT_NAME",), "a variant name (at most 1024 characters)", _dimension, "AllTraffic",
+             "`VariantName` dimension of the EMF metrics"),
 )
 # fmt: on
 _BY_NAME = {name: var for var in VARIABLES for name in var.names}
@@ -189,6 +221,7 @@ class Settings:
     limits: TokenLimits
     server: dict[str, Any]  # ServerConfig fields known before the model loads
     model_label: str  # what /info reports as model_id
+    cloudwatch: EmfConfig = EmfConfig()
 
     def server_config(self, model_context: int, metrics_dir: str | None) -> ServerConfig:
         """The worker's ServerConfig, token limits resolved against the loaded model's context."""
@@ -304,7 +337,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_key=read.get("API_KEY"),
         log_prompts=read.get("LOG_PROMPTS", False),
     )
-    return Settings(engine=engine, launcher=launcher, limits=limits, server=server, model_label=label)
+    cloudwatch = EmfConfig(
+        enabled=read.get("CLOUDWATCH_METRICS", True),
+        namespace=read.get("CLOUDWATCH_NAMESPACE", DEFAULT_NAMESPACE),
+        interval_s=read.get("CLOUDWATCH_METRICS_INTERVAL", 60.0),
+        endpoint_name=read.get("CLOUDWATCH_ENDPOINT_NAME"),
+        variant_name=read.get("CLOUDWATCH_VARIANT_NAME", "AllTraffic"),
+    )
+    return Settings(engine=engine, launcher=launcher, limits=limits, server=server, model_label=label,
+                    cloudwatch=cloudwatch)  # fmt: skip
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -165,10 +165,10 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 10) -> list[psut
 
 
 @contextmanager
-def running_serve(model_dir: Path, workdir: Path) -> Iterator[Serve]:
-    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits), ready to use;
-    on the way out it must drain on SIGTERM and exit 0."""
-    env = base_env(
+def running_serve(model_dir: Path, workdir: Path, **extra: str) -> Iterator[Serve]:
+    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits, `extra` variables),
+    ready to use; on the way out it must drain on SIGTERM and exit 0."""
+    defaults = dict(
         HF_MODEL_ID=str(model_dir),
         SM_OPT_ML_DIR=str(workdir / "opt_ml"),
         SAGEMAKER_BIND_TO_PORT=str(free_port()),
@@ -178,6 +178,7 @@ def running_serve(model_dir: Path, workdir: Path) -> Iterator[Serve]:
         MAX_CONCURRENT_REQUESTS="8",
         SERVE_WORKERS="1",
     )
+    env = base_env(**{**defaults, **extra})
     (workdir / "opt_ml").mkdir(parents=True, exist_ok=True)
     s = Serve(env, workdir / "serve.log")
     try:

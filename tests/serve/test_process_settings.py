@@ -70,6 +70,16 @@ def test_token_limits_resolve_against_the_model_context(limits: TokenLimits, con
     assert limits.resolve(context) == expected
 
 
+def test_cloudwatch_metrics_settings(tmp_path: Path) -> None:
+    default = settings(tmp_path).cloudwatch
+    assert default.enabled and (default.namespace, default.interval_s) == ("SageMakerLLM", 60.0)
+    assert default.dimensions == {"VariantName": "AllTraffic"}  # no EndpointName unless told (the SDK tells it)
+    c = settings(tmp_path, CLOUDWATCH_METRICS="off", CLOUDWATCH_NAMESPACE="Team/LLM", CLOUDWATCH_METRICS_INTERVAL="15",
+                 CLOUDWATCH_ENDPOINT_NAME="ep", CLOUDWATCH_VARIANT_NAME="blue").cloudwatch  # fmt: skip
+    assert not c.enabled and (c.namespace, c.interval_s) == ("Team/LLM", 15.0)
+    assert c.dimensions == {"EndpointName": "ep", "VariantName": "blue"}
+
+
 def test_token_limits_beyond_the_context_name_the_variable() -> None:
     with pytest.raises(SettingsError, match=r"^MAX_TOTAL_TOKENS must be at most the model's context length \(512\)"):
         TokenLimits(max_total_tokens=1000).resolve(512)
@@ -115,6 +125,8 @@ BAD = [
     ("SAGEMAKER_SAFE_PORT_RANGE", "9000", "must be 'LOW-HIGH'"),
     ("MESSAGES_API_ENABLED", "maybe", "must be true or false"),
     ("HF_MODEL_ID", "/no/such/model", "existing path"),
+    ("CLOUDWATCH_NAMESPACE", "AWS/SageMaker", "must be a CloudWatch namespace"),
+    ("CLOUDWATCH_METRICS_INTERVAL", "0.5", "must be a number of seconds >= 1"),
 ]
 
 

@@ -28,6 +28,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 2 << 30  # CPU: KV budget when max_batch_total_tokens is None
     seed: int = 0  # seeds requests that sample without a seed of their own
     num_threads: int | None = None  # CPU: torch threads; None = torch's default
+    cpu_decode_kernel: bool = True  # CPU: compiled paged decode attention when a C compiler is present
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

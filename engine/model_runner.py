@@ -12,7 +12,8 @@ import math
 import torch
 
 from engine.config import EngineConfig
-from engine.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
+from engine.layers import cpu_decode_kernel
+from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
 from engine.models import get_model_class
@@ -59,6 +60,9 @@ class ModelRunner:
         self.model = model.eval()
         self.sampler = Sampler()
         self.num_blocks = self._allocate_kv_cache(hf_config)
+        # CPU decodes read the paged cache in place with a compiled kernel when one builds here.
+        cache = self.model.attention_layers()[0].k_cache
+        self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(cache, cache)
 
     def _allocate_kv_cache(self, hf_config) -> int:
         layers = self.model.attention_layers()
@@ -78,11 +82,11 @@ class ModelRunner:
             num_blocks = min(int(cfg.cpu_kv_cache_bytes // bytes_per_block), useful)
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV-cache block; lower the model size or raise the budget")
-        shape = (num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+        k_shape, v_shape = Attention.cache_shapes(num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
         self.num_kv_heads = a.num_kv_heads
         for layer in layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(k_shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(v_shape, dtype=self.dtype, device=self.device)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             num_blocks,
@@ -123,7 +127,9 @@ class ModelRunner:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
-            if min(decode_lens) < width * bs:
+            if self.decode_kernel:
+                meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long)
+            elif min(decode_lens) < width * bs:
                 lens = torch.tensor(decode_lens, device=dev)
                 pad = torch.arange(width * bs, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
                 bias = torch.zeros(pad.shape, device=dev).masked_fill_(pad, float("-inf"))
@@ -146,6 +152,7 @@ class ModelRunner:
         slot = torch.tensor(slots, dtype=torch.long, device=dev)
         heads = torch.arange(self.num_kv_heads, device=dev) * bs
         meta.slot_mapping = ((slot // bs * self.num_kv_heads * bs + slot % bs).unsqueeze(1) + heads).view(-1)
+        meta.key_slots = (meta.slot_mapping // bs, meta.slot_mapping % bs)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return input_ids, pos, meta, sample_rows

@@ -1,8 +1,9 @@
 """Paged attention in pure torch (SDPA): write the step's K/V into cache slots, then attend.
 
-The KV cache of one layer is `[num_blocks, num_kv_heads, block_size, head_dim]` for K and for V.
-Decodes (one query each) are batched over their gathered, padded block tables; prefill chunks run one
-SDPA call each, causal over fresh K/V, or masked over the cache when earlier tokens are cached.
+The KV cache of one layer: V `[num_blocks, Hkv, block_size, head_dim]`, K transposed per block
+`[num_blocks, Hkv, head_dim, block_size]` (q.K then runs across tokens: plain matmuls, no transposes).
+Decodes use the compiled CPU kernel where it builds, else batched matmuls over gathered block tables;
+prefill chunks run one SDPA call each, causal over fresh K/V, or masked over the cache when tokens are cached.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.layers import cpu_decode_kernel
 
 
 @dataclass
@@ -27,10 +30,12 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T * Hkv] row of each (token, kv head) in the cache viewed as [-1, head_dim]
+    slot_mapping: torch.Tensor  # [T * Hkv] row of each (token, kv head) in V viewed as [-1, head_dim]
+    key_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # slot_mapping // block_size, % block_size
     num_decodes: int = 0  # the first num_decodes rows are single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [D, max_blocks], padded with block 0
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] float 0/-inf, or None
+    decode_context_lens: torch.Tensor | None = None  # [D] int64: set when the CPU decode kernel runs decodes
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -64,7 +69,8 @@ class Attention(nn.Module):
         if meta is None:
             raise RuntimeError("Attention called outside attention_metadata()")
         kc, vc = self.k_cache, self.v_cache
-        kc.view(-1, self.head_dim).index_copy_(0, meta.slot_mapping, k.reshape(-1, self.head_dim))
+        block_rows, offsets = meta.key_slots
+        kc.view(-1, self.head_dim, kc.shape[-1])[block_rows, :, offsets] = k.reshape(-1, self.head_dim)
         vc.view(-1, self.head_dim).index_copy_(0, meta.slot_mapping, v.reshape(-1, self.head_dim))
         if meta.num_decodes and not meta.prefills:
             return self._decode(q, kc, vc, meta)
@@ -78,7 +84,9 @@ class Attention(nn.Module):
             if p.block_table is None:
                 ks, vs, mask = k[rows].transpose(0, 1), v[rows].transpose(0, 1), None
             else:
-                ks, vs, mask = self._gather(kc, p), self._gather(vc, p), p.mask
+                blocks = kc.index_select(0, p.block_table)  # [n, Hkv, hd, bs] -> [Hkv, n * bs, hd]
+                ks = blocks.permute(1, 0, 3, 2).reshape(self.num_kv_heads, -1, self.head_dim)[:, : p.ctx_len]
+                vs, mask = self._gather(vc, p), p.mask
             o = F.scaled_dot_product_attention(
                 qs,
                 ks.unsqueeze(0),
@@ -91,8 +99,13 @@ class Attention(nn.Module):
             out[rows] = o.squeeze(0).transpose(0, 1)
         return out
 
+    @staticmethod
+    def cache_shapes(num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int) -> tuple[tuple, tuple]:
+        """(K shape, V shape) of one layer's cache."""
+        return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim)
+
     def _gather(self, cache: torch.Tensor, p: PrefillChunk) -> torch.Tensor:
-        """A chunk's cached K or V as [Hkv, ctx_len, hd]."""
+        """A chunk's cached V as [Hkv, ctx_len, hd]."""
         blocks = cache.index_select(0, p.block_table)  # [n, Hkv, bs, hd]
         return blocks.transpose(0, 1).flatten(1, 2)[:, : p.ctx_len]
 
@@ -104,13 +117,15 @@ class Attention(nn.Module):
         faster than SDPA's CPU kernel. Query heads are grouped per KV head: [D, Hkv, G, hd].
         """
         bt = meta.decode_block_tables  # [D, M]
+        if meta.decode_context_lens is not None:
+            return cpu_decode_kernel.paged_decode(q, kc, vc, bt, meta.decode_context_lens, self.scale)
         d, m = bt.shape
-        hkv, bs, hd = self.num_kv_heads, kc.shape[2], self.head_dim
-        ks = kc.index_select(0, bt.view(-1)).view(d, m, hkv, bs, hd)
+        hkv, bs, hd = self.num_kv_heads, vc.shape[2], self.head_dim
+        ks = kc.index_select(0, bt.view(-1)).view(d, m, hkv, hd, bs)
         vs = vc.index_select(0, bt.view(-1)).view(d, m, hkv, bs, hd)
         qg = q.view(d, 1, hkv, -1, hd)
         g = qg.shape[3]
-        scores = torch.matmul(qg, ks.transpose(-1, -2))  # [D, M, Hkv, G, bs]
+        scores = torch.matmul(qg, ks)  # [D, M, Hkv, G, bs]
         scores = scores.permute(0, 2, 3, 1, 4).reshape(d, hkv, g, m * bs).float() * self.scale
         if meta.decode_mask is not None:
             scores = scores + meta.decode_mask  # additive 0 / -inf: [D, 1, 1, M * bs]

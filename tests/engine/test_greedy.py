@@ -80,6 +80,15 @@ def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(
     assert sum(o.metrics.num_preemptions for o in outs) == preemptions  # each one is reported on its request
 
 
+@pytest.mark.parametrize("name", ORACLE_CONFIGS)
+def test_both_decode_attention_paths_match_transformers(name: str, engines: Engines, oracle: Oracle) -> None:
+    """The compiled CPU decode kernel (the default where a C compiler exists) and its pure-torch twin."""
+    for kernel in (True, False):
+        llm = engines(name, cpu_decode_kernel=kernel, max_batch_total_tokens=256, block_size=16)
+        assert llm.engine.runner.decode_kernel is kernel
+        _check_staggered(llm, oracle, name)
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -49,9 +49,10 @@ RUN python3 -m venv /opt/venv \
 # ---- CPU base: slim Python, CPU torch ------------------------------------------------------------------------------
 FROM ${CPU_BASE_IMAGE} AS base-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# gcc + libc headers: the engine compiles its CPU decode-attention kernel at start-up (pure torch without them)
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+    && apt-get install -y --no-install-recommends tini gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 COPY constraints.txt /tmp/constraints.txt

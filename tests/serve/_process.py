@@ -165,9 +165,9 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 10) -> list[psut
 
 
 @contextmanager
-def running_serve(model_dir: Path, workdir: Path) -> Iterator[Serve]:
-    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits), ready to use;
-    on the way out it must drain on SIGTERM and exit 0."""
+def running_serve(model_dir: Path, workdir: Path, **extra: str) -> Iterator[Serve]:
+    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits; `extra` variables
+    override), ready to use; on the way out it must drain on SIGTERM, exit 0 and leave no process behind."""
     env = base_env(
         HF_MODEL_ID=str(model_dir),
         SM_OPT_ML_DIR=str(workdir / "opt_ml"),
@@ -178,12 +178,15 @@ def running_serve(model_dir: Path, workdir: Path) -> Iterator[Serve]:
         MAX_CONCURRENT_REQUESTS="8",
         SERVE_WORKERS="1",
     )
+    env.update(extra)
     (workdir / "opt_ml").mkdir(parents=True, exist_ok=True)
     s = Serve(env, workdir / "serve.log")
     try:
         s.wait_ready()
+        tree = [s.ps, *s.descendants()]
         yield s
         s.proc.send_signal(signal.SIGTERM)
         assert s.wait_exit(40) == 0, s.log()
+        assert wait_gone(tree) == [], s.log()
     finally:
         s.close()

@@ -92,6 +92,8 @@ class Launcher:
             if kind == "model":
                 text = " ".join(text.split())  # one line, whatever the loader said
                 return _config_error(f"HF_MODEL_ID: could not load the model {self.settings.model_label!r}: {text}")
+            if kind == "parallel":  # the degree does not fit the model or the GPUs
+                return _config_error(f"{self.settings.shard_variable}: {text}")
             logger.error("the engine failed to start: %s", text)
             return 1
         facts: EngineFacts = message[1]
@@ -115,7 +117,8 @@ class Launcher:
         config = EngineProcessConfig(s.engine, addresses, s.server["max_concurrent_requests"], s.launcher.log_level)
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.engine = ctx.Process(target=run, args=(config, child_conn), name="engine", daemon=True)
+        # not a daemon: it spawns the tensor-parallel ranks; we stop it ourselves, and it dies with us
+        self.engine = ctx.Process(target=run, args=(config, child_conn), name="engine", daemon=False)
         logger.info("starting the engine process for %s", s.model_label)
         self.engine.start()
         child_conn.close()
@@ -296,7 +299,7 @@ def _config_error(message: str) -> int:
 
 
 def free_port(port_range: tuple[int, int] | None, host: str = "127.0.0.1") -> int:
-    """A port nobody listens on, from SAGEMAKER_SAFE_PORT_RANGE when given (for tensor-parallel rendezvous)."""
+    """A port nobody listens on, from `port_range` when given (else any free one)."""
     low, high = port_range or (0, 0)  # port 0: any free port the kernel picks
     for port in range(low, high + 1):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -39,6 +39,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _positive_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < 1e9:  # also refuses nan and inf
+        raise ValueError(raw)
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 65535:
@@ -121,8 +128,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), "a token", _text, "-", "token for gated/private hub models"),
     Variable(("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), _BOOL, _bool, "false",
              "allow custom code from the model repository"),
-    Variable(("SM_NUM_GPUS", "NUM_SHARD"), "1 (tensor parallelism is not available yet)", _positive_int, "1",
-             "GPUs to shard the model over; only 1 until tensor parallelism lands"),
+    Variable(("SM_NUM_GPUS", "NUM_SHARD"), _POSITIVE, _positive_int, "visible GPUs (1 on CPU)",
+             "tensor-parallel degree: processes (GPUs) the model is sharded over"),
+    Variable(("SERVE_COLLECTIVE_TIMEOUT",), "a positive number of seconds", _positive_seconds, "600",
+             "a tensor-parallel collective waiting longer on a rank fails the engine"),
     Variable(("HF_MODEL_QUANTIZE", "QUANTIZE"), "none (quantization is not available yet)", _choice("none"), "none",
              "quantization; only `none` for now (GGUF files are dequantized on load)"),
     Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "auto", "auto: bfloat16 (float16 on GPUs "
@@ -152,7 +161,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("LOG_LEVEL",), "one of " + ", ".join(_LEVELS), _choice(*_LEVELS, "warn"), "info", "log level"),
     Variable(("SAGEMAKER_BIND_TO_PORT",), "a port number (1-65535)", _port, "8080", "HTTP port"),
     Variable(("SAGEMAKER_SAFE_PORT_RANGE",), "'LOW-HIGH' with 1 <= LOW <= HIGH <= 65535", _port_range, "-",
-             "ports the container may use internally (the engine itself uses unix sockets)"),
+             "ports the container may use internally: the tensor-parallel rendezvous port comes from it"),
     Variable(("SM_OPT_ML_DIR",), "a directory", _text, "/opt/ml", "SageMaker's /opt/ml root (moved in tests)"),
     Variable(("SERVE_WORKERS", "SAGEMAKER_MODEL_SERVER_WORKERS"), _POSITIVE, _positive_int, "2",
              "gunicorn worker processes"),
@@ -222,6 +231,7 @@ class Settings:
     server: dict[str, Any]  # ServerConfig fields known before the model loads
     model_label: str  # what /info reports as model_id
     cloudwatch: EmfConfig = EmfConfig()
+    shard_variable: str = "SM_NUM_GPUS"  # the variable that set the tensor-parallel degree (for its errors)
 
     def server_config(self, model_context: int, metrics_dir: str | None) -> ServerConfig:
         """The worker's ServerConfig, token limits resolved against the loaded model's context."""
@@ -283,9 +293,8 @@ def _resolve_model(read: _Reader, opt_ml_dir: str) -> tuple[str | None, str]:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse and cross-check every variable; raises SettingsError on the first bad one."""
     read = _Reader(os.environ if env is None else env)
-    shards, shard_var = read.get_named("SM_NUM_GPUS", 1)
-    if shards > 1:
-        raise SettingsError(f"{shard_var} must be 1 (tensor parallelism is not available yet), got '{shards}'")
+    shards, shard_var = read.get_named("SM_NUM_GPUS")  # None: every visible GPU (1 on CPU)
+    collective_timeout = read.get("SERVE_COLLECTIVE_TIMEOUT", 600.0)
     read.get("HF_MODEL_QUANTIZE")
     log_level = read.get("LOG_LEVEL", "info")
     log_level = "warning" if log_level == "warn" else log_level
@@ -325,6 +334,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_batch_prefill_tokens=read.get("MAX_BATCH_PREFILL_TOKENS", 4096),
         max_batch_total_tokens=batch_total,
         max_model_len=limits.max_total_tokens,
+        tensor_parallel_size=shards,
+        port_range=launcher.safe_port_range,
+        collective_timeout_s=collective_timeout,
     )
     server = dict(
         model_id=label,
@@ -345,7 +357,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         variant_name=read.get("CLOUDWATCH_VARIANT_NAME", "AllTraffic"),
     )
     return Settings(engine=engine, launcher=launcher, limits=limits, server=server, model_label=label,
-                    cloudwatch=cloudwatch)  # fmt: skip
+                    cloudwatch=cloudwatch, shard_variable=shard_var)  # fmt: skip
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -27,7 +27,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
     cpu_kv_cache_bytes: int = 2 << 30  # CPU: KV budget when max_batch_total_tokens is None
     seed: int = 0  # seeds requests that sample without a seed of their own
-    num_threads: int | None = None  # CPU: torch threads; None = torch's default
+    num_threads: int | None = None  # CPU: torch threads per rank; None = torch's default (1 rank), cores / N (N ranks)
+    # Tensor parallelism: ranks (one process each; GPUs on CUDA, gloo on CPU); None = every visible GPU (1 on CPU)
+    tensor_parallel_size: int | None = 1
+    port_range: tuple[int, int] | None = None  # ports the rendezvous may bind; None: any free port
+    collective_timeout_s: float = 600.0  # a collective waiting longer on a rank fails the engine
     cpu_decode_kernel: bool = True  # CPU: compiled paged decode attention when a C compiler is present
 
     def __post_init__(self) -> None:
@@ -37,11 +41,17 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_batch_total_tokens", "max_model_len", "num_threads", "block_size"):
+        for name in ("max_batch_total_tokens", "max_model_len", "num_threads", "block_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not (isinstance(self.collective_timeout_s, (int, float)) and 0 < self.collective_timeout_s < 1e9):
+            raise ValueError(f"collective_timeout_s must be a positive number, got {self.collective_timeout_s!r}")
+        if self.port_range is not None and not (
+            len(self.port_range) == 2 and 1 <= self.port_range[0] <= self.port_range[1] <= 65535
+        ):
+            raise ValueError(f"port_range must be (low, high) with 1 <= low <= high <= 65535, got {self.port_range!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")

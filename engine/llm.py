@@ -1,8 +1,13 @@
-"""The offline API: `LLM(model).generate(prompts, params)` runs the engine loop to completion."""
+"""The offline API: `LLM(model).generate(prompts, params)` runs the engine loop to completion.
+
+`LLM(model, tensor_parallel_size=N)` shards over N processes; `close()` (or `with LLM(...) as llm:`, or
+interpreter exit) stops them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from types import TracebackType
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -16,6 +21,16 @@ class LLM:
     def __init__(self, model: str | None = None, **config) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **config))
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
     def generate(
         self,

@@ -2,7 +2,8 @@
 
 Each `step()` schedules one batch, runs it, samples, detokenizes, applies stop conditions and
 returns a RequestOutput for every request that got a token. Single-threaded by design: the caller
-owns the loop (the offline LLM, or the server's engine process).
+owns the loop (the offline LLM, or the server's engine process). Sharded over N ranks, this process is
+rank 0: it schedules and samples, and hands every step to the other ranks (`close()` stops them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,11 +23,15 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model
 from engine.outputs import RequestMetrics, RequestOutput
+from engine.parallel_config import resolve_parallel_config
 from engine.sampler import SampleOutput, SamplingRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.stop import StopStringMatcher, token_stop_reason
+
+if TYPE_CHECKING:
+    from engine.tp_group import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +57,45 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.files, self.hf_config)
         model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
-        self.runner = ModelRunner(config, self.files, self.hf_config, self.max_model_len)
+        self.parallel = resolve_parallel_config(config, self.hf_config)
+        self.tp_group: TensorParallelGroup | None = None
+        self.runner = self._start_ranks()
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
+
+    def _start_ranks(self) -> ModelRunner:
+        """Rank 0's ModelRunner; with several ranks, the other ranks' processes first (stopped on failure)."""
+        if self.parallel.world_size == 1:
+            return ModelRunner(self.config, self.files, self.hf_config, self.max_model_len)
+        from engine.tp_group import TensorParallelGroup
+
+        group = self.tp_group = TensorParallelGroup(self.config, self.parallel, self.files, self.max_model_len)
+        try:
+            runner = ModelRunner(self.config, self.files, self.hf_config, self.max_model_len, group.state)
+            group.wait_ready()
+        except Exception as e:
+            # a rank's own error says more than the collective it broke here (not so for rank 0's model errors)
+            reported = None if isinstance(e, ValueError) else group.startup_error()
+            group.close()
+            if reported is not None:
+                raise reported from e
+            raise
+        runner.send_step = group.send
+        return runner
+
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel rank has died or the group failed; a no-op for one rank."""
+        if self.tp_group is not None:
+            self.tp_group.check()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (idempotent; also done at interpreter exit)."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -144,7 +182,12 @@ class LLMEngine:
             for item in batch.scheduled
             if item.sample
         ]
-        samples = iter(self.runner.execute(batch, sampling))
+        try:
+            samples = iter(self.runner.execute(batch, sampling))
+        except Exception as e:
+            if self.tp_group is not None:  # a rank died or hung: the group cannot go on
+                raise self.tp_group.fail(e) from e
+            raise
         sampled = [next(samples) if item.sample else None for item in batch.scheduled]
         self.scheduler.update(batch, [s.token_id if s else None for s in sampled])
         now = time.monotonic()

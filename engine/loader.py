@@ -1,5 +1,6 @@
-"""Checkpoint readers yielding (transformers parameter name, tensor): safetensors (sharded or not),
-`.bin` through `torch.load(weights_only=True)`, and GGUF dequantized with the `gguf` package.
+"""Checkpoint readers yielding (transformers parameter name, tensor): safetensors (sharded or not) as unread
+slices each rank narrows to its part, `.bin` through `torch.load(weights_only=True, mmap=True)`, and GGUF
+dequantized with the `gguf` package (a whole tensor at a time: a rank's memory peak is not 1/N there).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.model_source import ModelFiles
+from engine.weight_slice import TensorSlice, Weight
 
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -33,7 +35,7 @@ _GGUF_BLOCK_NAMES = {
 }
 
 
-def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, Weight]]:
     if files.gguf_file:
         yield from _iter_gguf(os.path.join(files.directory, files.gguf_file), hf_config)
         return
@@ -51,7 +53,7 @@ def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, torch.Tens
         for path in paths:
             with safe_open(path, framework="pt") as fh:
                 for name in fh.keys():
-                    yield name, fh.get_tensor(name)
+                    yield name, TensorSlice(fh.get_slice(name))
         return
     bins = sorted(glob.glob(os.path.join(d, "pytorch_model*.bin")))
     if not bins:

@@ -1,57 +1,68 @@
-"""ModelRunner: builds the model, sizes and binds the paged KV cache, and runs one scheduled step.
+"""ModelRunner: builds one rank's model shard, sizes and binds its paged KV cache, and runs one step.
 
-A step is one flattened batch: decode rows first, then prefill chunks. Inputs are built in Python
-lists and moved once; logits are computed only for the rows that sample.
+A step is one flattened batch: decode rows first, then prefill chunks. Rank 0 builds its inputs as
+plain lists (`StepInput`, what the other ranks receive); each rank moves them to its device once.
+Logits are computed only for the rows that sample, and sampled on rank 0 only.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import EngineConfig
+from engine.device import cpu_threads, rank_device, resolve_dtype
 from engine.layers import cpu_decode_kernel
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
 from engine.models import get_model_class
+from engine.parallel import SINGLE_RANK, ParallelState, building_with
 from engine.sampler import SampleOutput, Sampler, SamplingRequest
 from engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+@dataclass
+class StepInput:
+    """One step's model inputs as plain lists: what rank 0 sends every other rank."""
 
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # cache slot (block * block_size + offset) of each token
+    decode_tables: list[list[int]] = field(default_factory=list)  # block table of each decode row
+    decode_lens: list[int] = field(default_factory=list)  # tokens each decode row attends over
+    prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)  # (row, start, end, table)
+    sample_rows: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, files: ModelFiles, hf_config, max_model_len: int) -> None:
-        self.config = config
-        self.device = resolve_device(config.device)
+    def __init__(
+        self,
+        config: EngineConfig,
+        files: ModelFiles,
+        hf_config,
+        max_model_len: int,
+        parallel: ParallelState = SINGLE_RANK,
+    ) -> None:
+        self.config, self.parallel = config, parallel
+        self.device = rank_device(config.device, parallel.rank, parallel.world_size)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cpu" and config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        threads = cpu_threads(config.num_threads, parallel.world_size)
+        if self.device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
+        self.send_step: Callable[[StepInput], None] | None = None  # rank 0 of several: hands each step on
         self.block_size = config.block_size or (16 if self.device.type == "cuda" else 64)
         self.max_model_len = max_model_len
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with self.device:
+            with self.device, building_with(parallel):
                 model = get_model_class(hf_config)(hf_config, max_position=max_model_len)
         finally:
             torch.set_default_dtype(previous)
@@ -80,6 +91,7 @@ class ModelRunner:
             # Never more than every running sequence at full context could use.
             useful = math.ceil(cfg.max_num_seqs * self.max_model_len / self.block_size)
             num_blocks = min(int(cfg.cpu_kv_cache_bytes // bytes_per_block), useful)
+        num_blocks = self.parallel.min_over_ranks(num_blocks, self.device)  # every rank holds the same blocks
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV-cache block; lower the model size or raise the budget")
         k_shape, v_shape = Attention.cache_shapes(num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
@@ -105,66 +117,75 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """-> input_ids [T], positions [T], attention metadata, rows of the batch that sample."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        dev, bs = self.device, self.block_size
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
+        """The step's model inputs as plain lists: decode rows first, then prefill chunks."""
+        step = StepInput()
+        ids, positions, slots, bs = step.input_ids, step.positions, step.slots, self.block_size
         for item in batch.decodes:
             seq, p = item.seq, item.start
             ids.append(seq.token_at(p))
             positions.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
-            sample_rows.append(len(ids) - 1)
-            decode_tables.append(seq.block_table)
-            decode_lens.append(p + 1)
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(batch.decodes))
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
-            if self.decode_kernel:
-                meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long)
-            elif min(decode_lens) < width * bs:
-                lens = torch.tensor(decode_lens, device=dev)
-                pad = torch.arange(width * bs, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
-                bias = torch.zeros(pad.shape, device=dev).masked_fill_(pad, float("-inf"))
-                meta.decode_mask = bias[:, None, None, :]  # [D, 1, 1, L]
+            step.sample_rows.append(len(ids) - 1)
+            step.decode_tables.append(seq.block_table)
+            step.decode_lens.append(p + 1)
         for item in batch.prefills:
             seq, start, end = item.seq, item.start, item.end
-            chunk = PrefillChunk(q_start=len(ids), q_len=end - start, ctx_len=end)
-            if start > 0:  # earlier tokens are in the cache: attend over it with an offset mask
-                n_blocks = -(-end // bs)
-                chunk.block_table = torch.tensor(seq.block_table[:n_blocks], dtype=torch.long, device=dev)
-                q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
-                chunk.mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos  # [q_len, ctx_len]
-            meta.prefills.append(chunk)
+            table = seq.block_table[: -(-end // bs)] if start > 0 else None  # earlier tokens are in the cache
+            step.prefills.append((len(ids), start, end, table))
             ids.extend(seq.token_slice(start, end))
             positions.extend(range(start, end))
             slots.extend(self._slots(seq.block_table, start, end))
             if item.sample:
-                sample_rows.append(len(ids) - 1)
+                step.sample_rows.append(len(ids) - 1)
+        return step
+
+    def tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """-> input_ids [T], positions [T], attention metadata, on this rank's device."""
+        dev, bs = self.device, self.block_size
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(step.decode_tables))
+        if step.decode_tables:
+            width = max(len(t) for t in step.decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in step.decode_tables]
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+            if self.decode_kernel:
+                meta.decode_context_lens = torch.tensor(step.decode_lens, dtype=torch.long)
+            elif min(step.decode_lens) < width * bs:
+                lens = torch.tensor(step.decode_lens, device=dev)
+                pad = torch.arange(width * bs, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
+                bias = torch.zeros(pad.shape, device=dev).masked_fill_(pad, float("-inf"))
+                meta.decode_mask = bias[:, None, None, :]  # [D, 1, 1, L]
+        for q_start, start, end, table in step.prefills:
+            chunk = PrefillChunk(q_start=q_start, q_len=end - start, ctx_len=end)
+            if table is not None:  # attend over the cache with an offset mask
+                chunk.block_table = torch.tensor(table, dtype=torch.long, device=dev)
+                q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
+                chunk.mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos  # [q_len, ctx_len]
+            meta.prefills.append(chunk)
         # Cache rows of (token, kv head): ((block * Hkv + h) * block_size + offset), [T * Hkv].
-        slot = torch.tensor(slots, dtype=torch.long, device=dev)
+        slot = torch.tensor(step.slots, dtype=torch.long, device=dev)
         heads = torch.arange(self.num_kv_heads, device=dev) * bs
         meta.slot_mapping = ((slot // bs * self.num_kv_heads * bs + slot % bs).unsqueeze(1) + heads).view(-1)
         meta.key_slots = (meta.slot_mapping // bs, meta.slot_mapping % bs)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return input_ids, pos, meta, sample_rows
+        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=dev)
+        return input_ids, pos, meta
+
+    def execute(self, batch: ScheduledBatch, requests: list[SamplingRequest]) -> list[SampleOutput]:
+        """Run one step (rank 0); `requests` are the sampling rows' parameters, in batch order."""
+        step = self.prepare(batch)
+        if self.send_step is not None:  # the other ranks run the same step
+            self.send_step(step)
+        return self.run(step, requests)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, requests: list[SamplingRequest]) -> list[SampleOutput]:
-        """Run one step; `requests` are the sampling rows' parameters, in batch order."""
-        input_ids, positions, meta, sample_rows = self.prepare(batch)
+    def run(self, step: StepInput, requests: list[SamplingRequest] | None) -> list[SampleOutput]:
+        """Forward pass and logits of the sampling rows; sampled only where `requests` are given (rank 0)."""
+        input_ids, positions, meta = self.tensors(step)
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
-        if not sample_rows:
+        if not step.sample_rows:
             return []
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return self.sampler(logits, requests)
+        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # all ranks: the LM head gathers
+        return [] if requests is None else self.sampler(logits, requests)

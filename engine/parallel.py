@@ -1,12 +1,15 @@
-"""Tensor-parallel state: this process's rank and the world size, and the collectives layers use.
+"""Tensor-parallel state: this rank, the world size, the process group, and the collectives layers use.
 
-World size is 1 until the tensor-parallel issue lands; layers already slice and reduce through here,
-so sharding is a change to this module and the process launcher, not to the model code.
+Layers take the state current while the model is built (`building_with`) and keep it, so a single-rank
+engine never pays for a collective and two engines in one process never see each other's state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,37 +18,48 @@ import torch
 class ParallelState:
     rank: int = 0
     world_size: int = 1
+    group: Any = field(default=None, compare=False, repr=False)  # torch ProcessGroup; None: single rank
 
-
-_state = ParallelState()
-
-
-def set_parallel_state(state: ParallelState) -> None:
-    global _state
-    _state = state
-
-
-def get_tp_rank() -> int:
-    return _state.rank
-
-
-def get_tp_size() -> int:
-    return _state.world_size
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _state.world_size > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
-
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's shard of the last dimension, in rank order."""
-    if _state.world_size == 1:
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(x, group=self.group)
         return x
-    parts = [torch.empty_like(x) for _ in range(_state.world_size)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's shard of the last dimension, in rank order."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value` (e.g. KV blocks: every rank must allocate the same count)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+
+SINGLE_RANK = ParallelState()
+_building = SINGLE_RANK
+
+
+@contextmanager
+def building_with(state: ParallelState) -> Iterator[None]:
+    """Make `state` the one layers built inside this block shard for."""
+    global _building
+    previous, _building = _building, state
+    try:
+        yield
+    finally:
+        _building = previous
+
+
+def get_parallel_state() -> ParallelState:
+    return _building
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

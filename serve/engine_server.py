@@ -122,6 +122,12 @@ class EngineServer:
                     logger.error("the launcher is gone; exiting")
                     self._fail_all(UnavailableError("the server is shutting down"))
                     return 1
+                try:  # a tensor-parallel rank that died while the engine idled
+                    self.engine.check_health()
+                except RuntimeError as e:
+                    logger.error("%s; exiting", e)
+                    self._fail_all(GenerationError(f"the engine failed: {e}"))
+                    return 1
 
     def close(self) -> None:
         self._stop.set()
@@ -286,19 +292,34 @@ def run(config: EngineProcessConfig, conn: Connection) -> None:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s"
     )
     from engine.llm_engine import LLMEngine
+    from engine.parallel_config import ParallelConfigError
 
     started = time.monotonic()
     logger.info("loading %s", config.engine.model or "the embedded default model")
+    engine: LLMEngine | None = None
     try:
         engine = LLMEngine(config.engine)
         warm_up(engine)
-    except (ValueError, FileNotFoundError) as e:
-        conn.send(("error", "model", str(e)))
-        sys.exit(2)
     except Exception as e:
+        if engine is not None:
+            engine.close()  # the other tensor-parallel ranks
+        if isinstance(e, ParallelConfigError):
+            conn.send(("error", "parallel", str(e)))
+            sys.exit(2)
+        if isinstance(e, (ValueError, FileNotFoundError)):
+            conn.send(("error", "model", str(e)))
+            sys.exit(2)
         logger.exception("loading the model failed")
         conn.send(("error", "fatal", f"{type(e).__name__}: {e}"))
         sys.exit(1)
+    try:
+        code = _serve(engine, config, conn, started)
+    finally:
+        engine.close()
+    sys.exit(code)
+
+
+def _serve(engine: LLMEngine, config: EngineProcessConfig, conn: Connection, started: float) -> int:
     server = EngineServer(engine, config, conn)
     report = facts(engine)
     logger.info(
@@ -311,9 +332,7 @@ def run(config: EngineProcessConfig, conn: Connection) -> None:
         report.kv_cache_tokens,
     )
     conn.send(("ready", report))
-    code = 1
     try:
-        code = server.serve()
+        return server.serve()
     finally:
         server.close()
-    sys.exit(code)

@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.cpu_packing import pack_weight, packed_linear
-from engine.parallel import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
+from engine.parallel import get_parallel_state
+from engine.weight_slice import Weight, materialize, narrow_clamped
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp = get_parallel_state()
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
         self.vocab_size = vocab_size
         # Pad so every rank holds the same number of rows; padded rows are never looked up.
         self.rows_per_rank = -(-vocab_size // self.tp_size)
@@ -24,11 +26,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        rows = loaded[self.vocab_start : self.vocab_start + self.rows_per_rank]
+    def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
+        rows = narrow_clamped(loaded, 0, self.vocab_start, self.rows_per_rank)
         if rows.shape[1] != param.shape[1]:
             raise ValueError(f"embedding width {rows.shape[1]} != hidden size {param.shape[1]}")
-        param.data[: rows.shape[0]].copy_(rows)
+        param.data[: rows.shape[0]].copy_(materialize(rows))
         param.data[rows.shape[0] :].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
         y = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
+        return self.tp.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -55,5 +57,5 @@ class ParallelLMHead(VocabParallelEmbedding):
             local = packed_linear(hidden, self.packed, None)
         else:
             local = F.linear(hidden, self.weight)
-        logits = all_gather_last_dim(local)
+        logits = self.tp.all_gather_last_dim(local)
         return logits[..., : self.vocab_size]

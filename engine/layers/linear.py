@@ -2,7 +2,8 @@
 
 Column-parallel layers split the output dimension (no communication); row-parallel layers split the
 input dimension and all-reduce the output. Merged (gate/up) and QKV layers pack several checkpoint
-tensors into one matmul; `weight_loader(param, tensor, shard_id)` places each part.
+tensors into one matmul; `weight_loader(param, tensor, shard_id)` places each part. Loaders narrow a
+checkpoint tensor (or a not-yet-read safetensors slice) to this rank's part before reading it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.cpu_packing import pack_weight, packed_linear
-from engine.parallel import all_reduce, divide, get_tp_rank, get_tp_size
+from engine.parallel import divide, get_parallel_state
+from engine.weight_slice import Weight, materialize
 
 
 def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
@@ -42,10 +44,10 @@ class LinearBase(nn.Module):
         return packed_linear(x, self.packed, bias)
 
 
-def _copy(param: nn.Parameter, loaded: torch.Tensor) -> None:
+def _copy(param: nn.Parameter | torch.Tensor, loaded: Weight) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(materialize(loaded))
 
 
 class ReplicatedLinear(LinearBase):
@@ -54,7 +56,7 @@ class ReplicatedLinear(LinearBase):
         self.weight = _param((output_size, input_size), self.weight_loader)
         self.bias = _param((output_size,), self.weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
         _copy(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +68,13 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp = get_parallel_state()
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
         self.output_size_per_rank = divide(output_size, self.tp_size, "linear output size")
         self.weight = _param((self.output_size_per_rank, input_size), self.weight_loader)
         self.bias = _param((self.output_size_per_rank,), self.weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
         size = param.shape[0]
         _copy(param, loaded.narrow(0, self.tp_rank * size, size))
 
@@ -86,17 +89,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight, shard_id: int) -> None:
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))  # type: ignore[arg-type]
+        _copy(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul. KV heads fewer than ranks are replicated."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
-        tp = get_tp_size()
+        tp = get_parallel_state().world_size
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp, "number of attention heads")
         if num_kv_heads >= tp:
@@ -107,7 +110,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight, shard_id: str) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         if shard_id == "q":
@@ -117,7 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             rank_index = (
                 self.tp_rank * total_kv_heads // self.tp_size if total_kv_heads < self.tp_size else self.tp_rank
             )
-        _copy(param.narrow(0, offset, size), loaded.narrow(0, rank_index * size, size))  # type: ignore[arg-type]
+        _copy(param.narrow(0, offset, size), loaded.narrow(0, rank_index * size, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -125,12 +128,13 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp = get_parallel_state()
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
         self.input_size_per_rank = divide(input_size, self.tp_size, "linear input size")
         self.weight = _param((output_size, self.input_size_per_rank), self.weight_loader)
         self.bias = _param((output_size,), self.weight_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
         if param.dim() == 1:  # bias: added once, after the reduction
             _copy(param, loaded)
             return
@@ -140,7 +144,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, None)
         if self.tp_size > 1:
-            y = all_reduce(y)
+            y = self.tp.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y

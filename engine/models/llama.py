@@ -17,6 +17,7 @@ from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.weight_slice import Weight, materialize
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [T, 1, head_dim]
 
@@ -133,8 +134,8 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (checkpoint name, tensor) pairs; raise naming any missing or unexpected tensor."""
+    def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
+        """Load (checkpoint name, tensor or unread slice) pairs; raise naming any missing or unexpected tensor."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -156,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
             if loader is not None:
                 loader(params[name], tensor)
             else:
-                params[name].data.copy_(tensor)
+                params[name].data.copy_(materialize(tensor))
             loaded.add(name)
         missing = [n for n in params if n not in loaded and not self._packed_complete(n, loaded)]
         if missing:

@@ -99,12 +99,13 @@ class TinySpec:
     tie_word_embeddings: bool = False
     seed: int = 0
     initializer_range: float = 0.2
+    extra_vocab: int = 0  # rows beyond the tokenizer's (an odd vocabulary for tensor-parallel padding)
     craft: Callable[[PreTrainedModel, PreTrainedTokenizerFast], None] | None = field(default=None, compare=False)
 
 
 def _build_model(spec: TinySpec, vocab_size: int) -> PreTrainedModel:
     common = dict(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size + spec.extra_vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=spec.num_hidden_layers,

@@ -166,8 +166,8 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 10) -> list[psut
 
 @contextmanager
 def running_serve(model_dir: Path, workdir: Path, **extra: str) -> Iterator[Serve]:
-    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits, `extra` variables),
-    ready to use; on the way out it must drain on SIGTERM and exit 0."""
+    """A real `serve` on a free port over `model_dir` (float32, one worker, small limits; `extra` variables
+    override), ready to use; on the way out it must drain on SIGTERM, exit 0 and leave no process behind."""
     defaults = dict(
         HF_MODEL_ID=str(model_dir),
         SM_OPT_ML_DIR=str(workdir / "opt_ml"),
@@ -183,8 +183,10 @@ def running_serve(model_dir: Path, workdir: Path, **extra: str) -> Iterator[Serv
     s = Serve(env, workdir / "serve.log")
     try:
         s.wait_ready()
+        tree = [s.ps, *s.descendants()]
         yield s
         s.proc.send_signal(signal.SIGTERM)
         assert s.wait_exit(40) == 0, s.log()
+        assert wait_gone(tree) == [], s.log()
     finally:
         s.close()

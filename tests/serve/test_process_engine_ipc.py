@@ -178,6 +178,9 @@ class ExplodingEngine:
     def step(self) -> list:
         raise RuntimeError("boom")
 
+    def check_health(self) -> None:  # one rank: always healthy
+        pass
+
 
 def test_step_exception_fails_in_flight_requests_and_exits_1(tmp_path: Path) -> None:
     addresses = Addresses.in_dir(str(tmp_path))

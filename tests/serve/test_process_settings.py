@@ -36,21 +36,26 @@ def test_defaults_match_tgi_and_sagemaker(tmp_path: Path) -> None:
     )  # fmt: skip
     assert s.engine.model == "org/model" and s.engine.dtype == "auto" and s.engine.max_model_len is None
     assert s.engine.max_num_seqs == 128 and s.engine.max_batch_prefill_tokens == 4096
+    # unset SM_NUM_GPUS: every visible GPU (1 on CPU), resolved by the engine
+    assert s.engine.tensor_parallel_size is None and s.engine.port_range is None
+    assert s.engine.collective_timeout_s == 600.0 and s.shard_variable == "SM_NUM_GPUS"
 
 
 def test_values_and_aliases(tmp_path: Path) -> None:
     s = settings(
-        tmp_path, SAGEMAKER_BIND_TO_PORT="9000", SAGEMAKER_SAFE_PORT_RANGE="20000-20999", NUM_SHARD="1",
+        tmp_path, SAGEMAKER_BIND_TO_PORT="9000", SAGEMAKER_SAFE_PORT_RANGE="20000-20999", NUM_SHARD="4",
         HUGGING_FACE_HUB_TOKEN="tok", HF_MODEL_REVISION="v2", TRUST_REMOTE_CODE="yes", DTYPE="bfloat16",
         QUANTIZE="none", MAX_INPUT_LENGTH="100", MAX_TOTAL_TOKENS="200", MAX_BATCH_TOTAL_TOKENS="5000",
         MAX_CONCURRENT_REQUESTS="8", MAX_TOP_N_TOKENS="0", API_KEY="k", LOG_LEVEL="WARN", SERVE_WORKERS="3",
-        MESSAGES_API_ENABLED="false", MAX_STOP_SEQUENCES="",
+        MESSAGES_API_ENABLED="false", MAX_STOP_SEQUENCES="", SERVE_COLLECTIVE_TIMEOUT="30",
     )  # fmt: skip
     assert (s.launcher.port, s.launcher.safe_port_range, s.launcher.workers) == (9000, (20000, 20999), 3)
     assert s.launcher.log_level == "warning" and s.launcher.threads == 8 + 16 and not s.launcher.messages_api_enabled
     e = s.engine
     assert (e.hf_token, e.revision, e.trust_remote_code, e.dtype) == ("tok", "v2", True, "bfloat16")
     assert (e.max_model_len, e.max_batch_total_tokens, e.max_num_seqs) == (200, 5000, 8)
+    assert (e.tensor_parallel_size, e.port_range, e.collective_timeout_s) == (4, (20000, 20999), 30.0)
+    assert s.shard_variable == "NUM_SHARD"
     assert s.server["max_top_n_tokens"] == 0 and s.server["api_key"] == "k" and s.server["max_stop_sequences"] == 4
     config = s.server_config(model_context=1024, metrics_dir="/m")
     assert (config.max_input_tokens, config.max_total_tokens, config.metrics_dir) == (100, 200, "/m")
@@ -119,7 +124,8 @@ def test_every_variable_is_documented() -> None:
 BAD = [
     ("MAX_CONCURRENT_REQUESTS", "abc", "must be a positive integer, got 'abc'"),
     ("SAGEMAKER_BIND_TO_PORT", "70000", "must be a port number"),
-    ("SM_NUM_GPUS", "4", "tensor parallelism is not available yet"),
+    ("SM_NUM_GPUS", "0", "must be a positive integer, got '0'"),
+    ("SERVE_COLLECTIVE_TIMEOUT", "-5", "must be a positive number of seconds"),
     ("HF_MODEL_QUANTIZE", "bitsandbytes", "must be none"),
     ("DTYPE", "float8", "must be one of auto, float32, bfloat16, float16"),
     ("SAGEMAKER_SAFE_PORT_RANGE", "9000", "must be 'LOW-HIGH'"),

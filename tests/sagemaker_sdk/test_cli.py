@@ -81,8 +81,9 @@ def test_invoke_and_stream(runtime_url: str, server: Serve, capsys: pytest.Captu
     status, raw = server.post("/invocations", {"inputs": "Hello", "parameters": {"max_new_tokens": 10}})
     expected = json.loads(raw)[0]["generated_text"]
     common = ("--runtime-endpoint-url", runtime_url, "--max-new-tokens", "10")
-    assert _run(capsys, "invoke", ENDPOINT, "Hello", *common)[:2] == (0, expected + "\n")
-    assert _run(capsys, "stream", ENDPOINT, "Hello", *common)[:2] == (0, expected + "\n")
+    for command in ("invoke", "stream"):
+        code, out, err = _run(capsys, command, ENDPOINT, "Hello", *common)
+        assert (code, out) == (0, expected + "\n"), f"{command}: {err}"
     chat = _run(capsys, "invoke", ENDPOINT, "Hello", "--chat", "--param", "temperature=0", *common)
     streamed_chat = _run(capsys, "stream", ENDPOINT, "Hello", "--chat", "--param", "temperature=0", *common)
     assert chat[0] == 0 and chat[1] == streamed_chat[1] and chat[1].strip()

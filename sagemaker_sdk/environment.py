@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from container.settings import VARIABLES, Variable
+from container.variables import VARIABLES, Variable
 
 MAX_VARIABLES = 100  # SageMaker CreateModel: entries in Environment
 MAX_VALUE_BYTES = 1024  # and bytes in one value (keys: 1024 characters)

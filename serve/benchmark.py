@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from container.launcher import free_port
-from container.settings import VARIABLES
+from container.variables import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = [

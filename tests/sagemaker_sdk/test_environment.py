@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from container.settings import VARIABLES, load_settings
+from container.settings import load_settings
+from container.variables import VARIABLES
 from sagemaker_sdk import EnvironmentValidationError, InstanceTypeError, LLMDeployment, gpu_count
 from sagemaker_sdk.deploy import endpoint_name_for, health_check_timeout, parameters_in_billions
 from sagemaker_sdk.environment import ADDED_BY_SAGEMAKER_SDK, MAX_VARIABLES, container_environment, validate_environment

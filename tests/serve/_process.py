@@ -53,7 +53,7 @@ def free_port() -> int:
 
 def base_env(**extra: str) -> dict[str, str]:
     """The test's environment minus anything `serve` reads, plus `extra`; one torch thread (2 shared cores)."""
-    from container.settings import VARIABLES
+    from container.variables import VARIABLES
 
     ours = {name for var in VARIABLES for name in var.names}
     env = {k: v for k, v in os.environ.items() if k not in ours}

@@ -12,9 +12,8 @@ from engine.layers import cpu_decode_kernel
 from engine.layers.attention import Attention, AttentionMetadata
 
 
-def _case(dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, lens: list[int], seed: int = 0):
+def _case(dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, lens: list[int], seed: int = 0, hd: int = 16):
     g = torch.Generator().manual_seed(seed)
-    hd = 16
     tables, next_block = [], 0
     for n in lens:
         count = -(-n // block_size)
@@ -52,6 +51,16 @@ def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, block_size, 
     want = _torch_decode(q, kc, vc, bt, ctx)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_head_dims(head_dim: int, dtype: torch.dtype) -> None:
+    """Whole 64-lane groups, single 16-lane tiles and scalar tails of the head dimension."""
+    q, kc, vc, bt, ctx = _case(dtype, 8, 2, 16, [1, 15, 16, 70, 129], seed=3, hd=head_dim)
+    got = cpu_decode_kernel.paged_decode(q, kc, vc, bt, ctx, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), _torch_decode(q, kc, vc, bt, ctx).float(), atol=tol, rtol=tol)
 
 
 def test_kernel_reads_only_each_sequences_own_context() -> None:

@@ -24,6 +24,7 @@ class EngineConfig:
     max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens; None: memory budget
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
     block_size: int | None = None  # tokens per KV block; None: 16 on GPU, 64 on CPU (fewer, larger matmuls)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared leading tokens
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
     cpu_kv_cache_bytes: int = 2 << 30  # CPU: KV budget when max_batch_total_tokens is None
     seed: int = 0  # seeds requests that sample without a seed of their own

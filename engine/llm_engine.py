@@ -60,7 +60,9 @@ class LLMEngine:
         self.parallel = resolve_parallel_config(config, self.hf_config)
         self.tp_group: TensorParallelGroup | None = None
         self.runner = self._start_ranks()
-        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
         self._requests: dict[str, _Request] = {}

@@ -1,8 +1,9 @@
 """Continuous-batching scheduler: decodes first, then prefill chunks, preempt-by-recompute. No torch.
 
 Each step gets a prefill-token budget (`max_batch_prefill_tokens`); decodes (one token each) are
-bounded only by `max_num_seqs`. Waiting requests are admitted first come first served; when KV
-blocks run out, the newest running request is preempted (its blocks freed, recomputed later).
+bounded only by `max_num_seqs`. Waiting requests are admitted first come first served, starting after
+their prefix-cache hits; when KV blocks run out, the newest running request is preempted (its blocks
+freed, recomputed later, mostly from the prefix cache).
 """
 
 from __future__ import annotations
@@ -122,13 +123,19 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
             bm = self.block_manager
+            hits = bm.match_prefix(seq)  # cached leading blocks (0 without the prefix cache)
+            seq.num_computed_tokens = hits
+            n = min(seq.num_uncomputed_tokens, budget)
             needed = bm.blocks_needed(seq, seq.num_computed_tokens + n)
             reserve = self.watermark_blocks if self.running else 0
             if needed + reserve > bm.num_free_blocks:
+                bm.free(seq)  # give the matched blocks back (they stay cached) until it fits
+                seq.num_computed_tokens = 0
                 break  # first come first served: nobody overtakes the head of the queue
             bm.allocate(seq, seq.num_computed_tokens + n)
+            seq.num_cached_tokens = hits
+            bm.hit_tokens += hits
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -156,6 +163,7 @@ class Scheduler:
         """Advance each scheduled sequence; `sampled` is aligned with `batch.scheduled`."""
         for item, token in zip(batch.scheduled, sampled, strict=True):
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register(item.seq)
             if item.sample:
                 if token is None:
                     raise RuntimeError(f"no token sampled for request {item.seq.request_id}")

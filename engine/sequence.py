@@ -31,6 +31,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache when (last) admitted
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digests of the full blocks of tokens
+    num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     first_scheduled_time: float | None = None
 
     @property

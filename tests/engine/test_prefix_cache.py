@@ -1,0 +1,51 @@
+"""Prefix caching end to end: requests that share leading tokens with earlier ones start from the cached KV
+blocks, and their tokens and logprobs still equal transformers' (float32), also when a small pool forces
+preemption and eviction of cached blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM
+
+from .conftest import ORACLE_CONFIGS, Oracle, TinyModels, greedy, random_prompt
+
+BLOCK = 8
+PREFIX = random_prompt(37, seed=5)  # 4 full blocks of 8, then 5 tokens into the fifth
+WAVE1 = [PREFIX + random_prompt(n, seed=10 + i) for i, n in enumerate((3, 9, 17))]
+WAVE2 = [PREFIX + random_prompt(n, seed=20 + i) for i, n in enumerate((1, 12))] + [WAVE1[0], PREFIX]
+
+
+def _check(llm: LLM, oracle: Oracle, name: str, prompts: list[list[int]], max_new: int = 12) -> None:
+    for prompt, out in zip(prompts, llm.generate(prompts, greedy(max_new))):
+        assert out.token_ids == oracle.greedy(name, prompt, max_new), f"prompt of {len(prompt)} tokens diverges"
+
+
+@pytest.mark.parametrize("name", ORACLE_CONFIGS)
+def test_later_requests_reuse_the_shared_prefix(name: str, tiny_models: TinyModels, oracle: Oracle) -> None:
+    llm = LLM(str(tiny_models(name)), dtype="float32", block_size=BLOCK, max_batch_total_tokens=2048)
+    bm = llm.engine.block_manager
+    _check(llm, oracle, name, WAVE1)
+    assert bm.hit_tokens == 0  # one step prefills the whole first wave: nothing is cached yet
+    _check(llm, oracle, name, WAVE2)
+    # Each second-wave prompt shares the prefix's 4 full blocks (the repeated prompt: also at most 4, since
+    # (40 - 1) // 8 = 4 leaves its last token to compute).
+    assert bm.hit_tokens == 4 * 4 * BLOCK
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_small_pool_preempts_and_evicts_and_stays_exact(tiny_models: TinyModels, oracle: Oracle) -> None:
+    llm = LLM(str(tiny_models("llama_gqa")), dtype="float32", block_size=BLOCK, max_batch_total_tokens=96,
+              max_batch_prefill_tokens=24)  # fmt: skip
+    eng = llm.engine
+    _check(llm, oracle, "llama_gqa", WAVE1 + WAVE2, max_new=20)
+    assert eng.scheduler.num_preemptions > 0 and eng.block_manager.hit_tokens > 0
+
+
+def test_prefix_caching_can_be_turned_off(tiny_models: TinyModels, oracle: Oracle) -> None:
+    llm = LLM(str(tiny_models("qwen2")), dtype="float32", block_size=BLOCK, enable_prefix_caching=False,
+              max_batch_total_tokens=2048)  # fmt: skip
+    _check(llm, oracle, "qwen2", WAVE1)
+    _check(llm, oracle, "qwen2", WAVE2)
+    assert llm.engine.block_manager.hit_tokens == 0 and not llm.engine.block_manager.cached

@@ -172,6 +172,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_num_seqs=read.get("MAX_BATCH_SIZE", min(256, max_concurrent)),
         max_batch_prefill_tokens=read.get("MAX_BATCH_PREFILL_TOKENS", 4096),
         max_batch_total_tokens=batch_total,
+        enable_prefix_caching=read.get("PREFIX_CACHING", True),
         max_model_len=limits.max_total_tokens,
         tensor_parallel_size=shards,
         port_range=launcher.safe_port_range,

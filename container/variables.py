@@ -136,6 +136,8 @@ VARIABLES: tuple[Variable, ...] = (
              "prompt tokens computed per engine step (longer prompts are chunked)"),
     Variable(("MAX_BATCH_TOTAL_TOKENS",), _POSITIVE, _positive_int, "fits the memory budget",
              "KV-cache capacity in tokens"),
+    Variable(("PREFIX_CACHING",), _BOOL, _bool, "true",
+             "reuse the KV-cache blocks of prompts' shared leading tokens (system prompts, chat history)"),
     Variable(("MAX_BATCH_SIZE",), _POSITIVE, _positive_int, "min(256, MAX_CONCURRENT_REQUESTS)",
              "sequences decoded together per step"),
     Variable(("MAX_CONCURRENT_REQUESTS",), _POSITIVE, _positive_int, "128",

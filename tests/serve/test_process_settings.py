@@ -40,6 +40,7 @@ def test_defaults_match_tgi_and_sagemaker(tmp_path: Path) -> None:
     # unset SM_NUM_GPUS: every visible GPU (1 on CPU), resolved by the engine
     assert s.engine.tensor_parallel_size is None and s.engine.port_range is None
     assert s.engine.collective_timeout_s == 600.0 and s.shard_variable == "SM_NUM_GPUS"
+    assert s.engine.enable_prefix_caching
 
 
 def test_values_and_aliases(tmp_path: Path) -> None:
@@ -48,7 +49,7 @@ def test_values_and_aliases(tmp_path: Path) -> None:
         HUGGING_FACE_HUB_TOKEN="tok", HF_MODEL_REVISION="v2", TRUST_REMOTE_CODE="yes", DTYPE="bfloat16",
         QUANTIZE="none", MAX_INPUT_LENGTH="100", MAX_TOTAL_TOKENS="200", MAX_BATCH_TOTAL_TOKENS="5000",
         MAX_CONCURRENT_REQUESTS="8", MAX_TOP_N_TOKENS="0", API_KEY="k", LOG_LEVEL="WARN", SERVE_WORKERS="3",
-        MESSAGES_API_ENABLED="false", MAX_STOP_SEQUENCES="", SERVE_COLLECTIVE_TIMEOUT="30",
+        MESSAGES_API_ENABLED="false", MAX_STOP_SEQUENCES="", SERVE_COLLECTIVE_TIMEOUT="30", PREFIX_CACHING="0",
     )  # fmt: skip
     assert (s.launcher.port, s.launcher.safe_port_range, s.launcher.workers) == (9000, (20000, 20999), 3)
     assert s.launcher.log_level == "warning" and s.launcher.threads == 8 + 16 and not s.launcher.messages_api_enabled
@@ -56,7 +57,7 @@ def test_values_and_aliases(tmp_path: Path) -> None:
     assert (e.hf_token, e.revision, e.trust_remote_code, e.dtype) == ("tok", "v2", True, "bfloat16")
     assert (e.max_model_len, e.max_batch_total_tokens, e.max_num_seqs) == (200, 5000, 8)
     assert (e.tensor_parallel_size, e.port_range, e.collective_timeout_s) == (4, (20000, 20999), 30.0)
-    assert s.shard_variable == "NUM_SHARD"
+    assert s.shard_variable == "NUM_SHARD" and not e.enable_prefix_caching
     assert s.server["max_top_n_tokens"] == 0 and s.server["api_key"] == "k" and s.server["max_stop_sequences"] == 4
     config = s.server_config(model_context=1024, metrics_dir="/m")
     assert (config.max_input_tokens, config.max_total_tokens, config.metrics_dir) == (100, 200, "/m")

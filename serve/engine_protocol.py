@@ -78,6 +78,7 @@ class EngineStats:
     kv_cache_usage: float  # 0..1
     kv_cache_blocks: int
     time: float  # time.time() when published
+    prefix_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
 
 
 @dataclass(frozen=True)

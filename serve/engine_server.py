@@ -236,6 +236,7 @@ class EngineServer:
             kv_cache_usage=engine.block_manager.usage,
             kv_cache_blocks=engine.block_manager.num_blocks,
             time=time.time(),
+            prefix_cache_hit_tokens=engine.block_manager.hit_tokens,
         )
 
     def _publish(self) -> None:

@@ -284,6 +284,7 @@ class LocalEngineClient(EngineClient):
             kv_cache_usage=blocks.usage,
             kv_cache_blocks=blocks.num_blocks,
             time=time.time(),
+            prefix_cache_hit_tokens=blocks.hit_tokens,
         )
         self._stats_at = time.monotonic()
 

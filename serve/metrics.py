@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serve.engine_protocol import EngineClient
@@ -65,6 +65,11 @@ class StatsCollector(Collector):
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))
+        yield CounterMetricFamily(
+            "llm_prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache instead of computed",
+            value=float(s.prefix_cache_hit_tokens if s else 0),
+        )
 
 
 @dataclass

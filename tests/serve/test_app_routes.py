@@ -16,7 +16,7 @@ from serve.app import create_app
 from serve.engine_protocol import EngineClient, EngineStats, GenerateRequest, ModelInfo, TokenEvent, UnavailableError
 from serve.openapi import ROUTES
 from serve.server_config import ServerConfig
-from tests.serve.app_support import Served
+from tests.serve.app_support import MAX_INPUT_TOKENS, Served
 
 INFO = ModelInfo("stub", "torch.float32", "cpu", 10, 20, 100, 50, 4, [1])
 
@@ -120,6 +120,28 @@ def test_metrics_names_and_counts(api: FlaskClient) -> None:
     ):
         assert gauge in values
     assert values["llm_engine_ready"] == 1
+
+
+def test_prefix_cache_hits_are_counted(api: FlaskClient, serve_env: Served) -> None:
+    """The same long prompt twice: the second reuses the first's full KV blocks, and /metrics counts them."""
+
+    def hits() -> float:
+        text = api.get("/metrics").get_data(as_text=True)
+        line = next(x for x in text.splitlines() if x.startswith("llm_prefix_cache_hit_tokens_total "))
+        return float(line.rsplit(" ", 1)[1])
+
+    prompt = "the quick brown fox jumps over the lazy dog " * 40
+    ids = serve_env.tokenizer(prompt)["input_ids"][: MAX_INPUT_TOKENS - 1]
+    prompt = serve_env.tokenizer.decode(ids[1:])  # within the input limit (the tokenizer adds <s> again)
+    assert len(serve_env.tokenizer(prompt)["input_ids"]) > 64  # more than one CPU block of 64
+    before = hits()
+    answers = [api.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 3}}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200] and answers[0].json == answers[1].json
+    deadline = time.monotonic() + 5
+    while hits() == before:  # engine stats are refreshed a few times a second
+        assert time.monotonic() < deadline, "no prefix-cache hit was counted"
+        time.sleep(0.05)
+    assert (hits() - before) % 64 == 0
 
 
 def test_metrics_multiprocess_dir(serve_env: Served, tmp_path) -> None:  # noqa: ANN001

@@ -74,16 +74,22 @@ class EngineServer:
         self.engine, self.config, self.conn = engine, config, conn
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker raises instead of dropping silently
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
-        self.router.setsockopt(zmq.LINGER, 2000)
-        self.router.bind(config.addresses.requests)
-        self.in_flight: dict[str, _InFlight] = {}
-        self.outbox: dict[bytes, list[Reply]] = defaultdict(list)
-        self.draining = False
-        self._drained_reported = False
-        self.stats = self._snapshot()
+        try:
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker raises instead of dropping silently
+            self.router.setsockopt(zmq.SNDHWM, 0)
+            self.router.setsockopt(zmq.RCVHWM, 0)
+            self.router.setsockopt(zmq.LINGER, 2000)
+            self.router.bind(config.addresses.requests)
+            self.in_flight: dict[str, _InFlight] = {}
+            self.outbox: dict[bytes, list[Reply]] = defaultdict(list)
+            self.draining = False
+            self._drained_reported = False
+            self.stats = self._snapshot()
+        except BaseException:
+            # Never leave a live context to the garbage collector: its finalizer may block in zmq_term.
+            self.router.close(linger=0)
+            self.ctx.term()
+            raise
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._publish, name="stats", daemon=True)
 

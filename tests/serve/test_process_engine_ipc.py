@@ -159,7 +159,7 @@ class ExplodingEngine:
     """Stands in for LLMEngine: accepts requests, then its first step raises."""
 
     scheduler = SimpleNamespace(num_waiting=0, num_running=0)
-    block_manager = SimpleNamespace(usage=0.0, num_blocks=1)
+    block_manager = SimpleNamespace(usage=0.0, num_blocks=1, hit_tokens=0)
 
     def __init__(self) -> None:
         self.requests: set[str] = set()

@@ -86,6 +86,14 @@ class BlockManager:
 
     # ---- prefix cache ----
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block nobody references (they become plain free blocks)."""
+        for block_id in self.evictable:
+            del self.cached[self.block_hash[block_id]]
+            self.block_hash[block_id] = None
+            self.free_block_ids.append(block_id)
+        self.evictable.clear()
+
     def _hash(self, seq: Sequence, index: int) -> bytes:
         """Digest of the block `index` of `seq`'s tokens, chained over every earlier block (cached on seq)."""
         hashes = seq.block_hashes

@@ -240,7 +240,8 @@ def start_server(name: str, model_path: str, workdir: Path, args: argparse.Names
         env = {k: v for k, v in os.environ.items() if k not in ours}
         (workdir / "opt_ml").mkdir(exist_ok=True)
         env.update(SM_OPT_ML_DIR=str(workdir / "opt_ml"), SAGEMAKER_BIND_TO_PORT=str(port), DTYPE=args.dtype)
-        env.update(LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
+        # Levels repeat the same prompts: cross-level prefix-cache hits would flatter us against the baseline.
+        env.update(LOG_LEVEL="warning", PYTHONPATH=str(ROOT), PREFIX_CACHING="false")
         command = [sys.executable, "-m", "container.launcher"]
     else:
         env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -87,6 +87,17 @@ def test_freed_blocks_stay_cached_until_evicted_least_recent_first() -> None:
     check_invariants(bm, [c, d])
 
 
+def test_reset_forgets_unreferenced_blocks_only() -> None:
+    bm = BlockManager(16, BS, enable_prefix_caching=True)
+    a = computed(bm, seq_of("a", list(range(8))))
+    b = computed(bm, seq_of("b", [7] * 8))
+    bm.free(b)
+    bm.reset_prefix_cache()
+    assert not bm.evictable and len(bm.free_block_ids) == 16 - 2
+    check_invariants(bm, [a])
+    assert bm.match_prefix(seq_of("c", [7] * 9)) == 0 and bm.match_prefix(seq_of("d", list(range(9)))) == 8
+
+
 def test_the_first_writer_of_a_prefix_keeps_it() -> None:
     bm = BlockManager(16, BS, enable_prefix_caching=True)
     a = computed(bm, seq_of("a", list(range(8))))

@@ -72,8 +72,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.num_blocks = self._allocate_kv_cache(hf_config)
         # CPU decodes read the paged cache in place with a compiled kernel when one builds here.
-        cache = self.model.attention_layers()[0].k_cache
-        self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(cache, cache)
+        self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(self.device, self.dtype)
 
     def _allocate_kv_cache(self, hf_config) -> int:
         layers = self.model.attention_layers()

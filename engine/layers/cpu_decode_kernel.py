@@ -48,8 +48,9 @@ def load_kernel() -> ctypes.CDLL | None:
     return lib
 
 
-def supports(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and cache.dtype in _SYMBOLS and q.dtype == cache.dtype and load_kernel() is not None
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decodes of a `dtype` cache on `device` can run the kernel here."""
+    return device.type == "cpu" and dtype in _SYMBOLS and load_kernel() is not None
 
 
 def paged_decode(

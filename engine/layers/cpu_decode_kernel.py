@@ -1,6 +1,5 @@
-"""The CPU fast path of paged decode attention: csrc/paged_decode.c, compiled with the host's C compiler at
-first use (well under a second) and called through ctypes. It reads K/V blocks in place through the block
-table; the pure-torch path in attention.py (gather + blockwise matmuls) is its twin wherever the kernel
+"""The CPU fast path of paged decode attention: csrc/paged_decode.c, built by cpu_build at first use and
+called through ctypes. It reads K/V blocks in place through the block table; the pure-torch path in attention.py (gather + blockwise matmuls) is its twin wherever the kernel
 cannot be built (no compiler), on CUDA, and for float16.
 """
 
@@ -8,18 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from engine.layers.cpu_build import bind, load_library
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 _SYMBOLS = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"}
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]
@@ -27,24 +19,10 @@ _ARGTYPES = [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, c
 
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
-    """The compiled library, or None (logged once) where it cannot be built here."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not _SOURCE.is_file():
-        logger.info("no C compiler: decode attention uses the pure-torch path")
-        return None
-    with tempfile.TemporaryDirectory(prefix="paged-decode-") as tmp:
-        lib_path = Path(tmp) / "paged_decode.so"
-        cmd = [compiler, *_FLAGS, "-o", str(lib_path), str(_SOURCE), "-lm"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-            lib = ctypes.CDLL(str(lib_path))  # mapped now: the file may go with the directory
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", "") or exc
-            logger.warning("decode-attention kernel did not build (%s): using the pure-torch path", detail)
-            return None
-    for name in _SYMBOLS.values():
-        getattr(lib, name).argtypes = _ARGTYPES
-        getattr(lib, name).restype = None
+    """The compiled library, or None where it cannot be built here."""
+    lib = load_library("paged_decode")
+    if lib is not None:
+        bind(lib, list(_SYMBOLS.values()), _ARGTYPES)
     return lib
 
 

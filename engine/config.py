@@ -34,6 +34,7 @@ class EngineConfig:
     port_range: tuple[int, int] | None = None  # ports the rendezvous may bind; None: any free port
     collective_timeout_s: float = 600.0  # a collective waiting longer on a rank fails the engine
     cpu_decode_kernel: bool = True  # CPU: compiled paged decode attention when a C compiler is present
+    cpu_fused_ops: bool = True  # CPU: compiled RMSNorm / SiLU * up / rotary / greedy pick (same condition)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

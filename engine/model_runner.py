@@ -16,7 +16,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import cpu_threads, rank_device, resolve_dtype
-from engine.layers import cpu_decode_kernel
+from engine.layers import cpu_decode_kernel, cpu_fused_ops
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
@@ -68,8 +68,12 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         model.load_weights(iter_weights(files, hf_config))
         model.pack_for_cpu()
+        # CPU: norms, activations, rotary and greedy picks as compiled passes where they build here.
+        self.fused_ops = config.cpu_fused_ops and cpu_fused_ops.supports(self.device, self.dtype)
+        if self.fused_ops:
+            model.use_fused_cpu_ops()
         self.model = model.eval()
-        self.sampler = Sampler()
+        self.sampler = Sampler(fused=self.fused_ops)
         self.num_blocks = self._allocate_kv_cache(hf_config)
         # CPU decodes read the paged cache in place with a compiled kernel when one builds here.
         self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(self.device, self.dtype)

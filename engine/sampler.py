@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.layers import cpu_fused_ops
 from engine.sampling_params import SamplingParams
 
 
@@ -70,9 +71,19 @@ def apply_warpers(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return row
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    return p.greedy and not p.needs_processing and not p.top_n_tokens
+
+
 class Sampler:
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused  # CPU: all-greedy batches take one compiled pass (cpu_fused_ops.greedy)
+
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
         """logits [N, V] float32, one row per request -> one SampleOutput each."""
+        if self.fused and logits.device.type == "cpu" and all(_plain_greedy(r.params) for r in requests):
+            ids, chosen = cpu_fused_ops.greedy(logits)
+            return [SampleOutput(i, lp) for i, lp in zip(ids, chosen)]
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]: one fused pass
         best_logprobs, chosen = logprobs.max(dim=-1)  # greedy rows need nothing else
         for i, req in enumerate(requests):

@@ -1,6 +1,7 @@
 """The CPU fast path of paged decode attention: csrc/paged_decode.c, built by cpu_build at first use and
-called through ctypes. It reads K/V blocks in place through the block table; the pure-torch path in attention.py (gather + blockwise matmuls) is its twin wherever the kernel
-cannot be built (no compiler), on CUDA, and for float16.
+called through ctypes. It reads K/V blocks in place through the block table; the pure-torch path in
+attention.py (gather + blockwise matmuls) is its twin wherever the kernel cannot be built (no compiler), on
+CUDA, and for float16.
 """
 
 from __future__ import annotations

@@ -1,12 +1,19 @@
-"""RMSNorm, computed in float32 as transformers does, with an optional fused residual add."""
+"""RMSNorm, computed in float32 as transformers does, with an optional fused residual add.
+
+With `fused` set (CPU, see cpu_fused_ops.py) the add and the norm run as one compiled pass that updates the
+residual in place; the torch code below is its twin."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine.layers import cpu_fused_ops
+
 
 class RMSNorm(nn.Module):
+    fused: bool = False
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -21,6 +28,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        if self.fused:
+            out, summed = cpu_fused_ops.add_rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, summed)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -2,12 +2,15 @@
 
 The inverse frequencies come from transformers' own rope functions (llama3, linear, yarn, ...), so
 scaled-rope checkpoints match the reference. Tables are float32 and indexed by absolute position.
+A `StepRotary` holds one step's positions and rotates each layer's q and k heads (in place, compiled, on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.layers import cpu_fused_ops
 
 
 def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -27,6 +30,8 @@ def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
+    fused: bool = False  # CPU: rotate in place with the compiled op (cpu_fused_ops.py)
+
     def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
         super().__init__()
         inv_freq, scaling = _inv_freq(hf_config, head_dim)
@@ -41,6 +46,28 @@ class RotaryEmbedding(nn.Module):
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the step's positions [T] -> each [T, 1, D] (computed once per step)."""
         return self.cos[positions].to(dtype).unsqueeze(1), self.sin_signed[positions].to(dtype).unsqueeze(1)
+
+    def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRotary:
+        return StepRotary(self, positions, dtype)
+
+
+class StepRotary:
+    """The rotation of one step's positions [T], shared by every layer."""
+
+    def __init__(self, table: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        self.table, self.positions = table, positions
+        self.fused = table.fused and cpu_fused_ops.supports(positions.device, dtype)
+        if not self.fused:
+            self.cos, self.sin = table.lookup(positions, dtype)
+
+    def apply(self, qkv: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+        """Rotate the first `heads` heads of qkv [T, >= heads * head_dim] -> [T, heads, head_dim] (a view of
+        qkv when fused: rotated in place)."""
+        t = qkv.shape[0]
+        if self.fused:
+            cpu_fused_ops.rotary_(qkv, heads, head_dim, self.positions, self.table.cos, self.table.sin_signed)
+            return qkv[:, : heads * head_dim].view(t, heads, head_dim)
+        return apply_rotary(qkv[:, : heads * head_dim].view(t, heads, head_dim), self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,8 @@ from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding, StepRotary
 from engine.weight_slice import Weight, materialize
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [T, 1, head_dim]
 
 
 def head_dim_of(cfg) -> int:
@@ -39,11 +37,11 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
         self.attn = Attention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
 
-    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: StepRotary, x: torch.Tensor) -> torch.Tensor:
         t, qk_size = x.shape[0], self.q_size + self.kv_size
         qkv = self.qkv_proj(x)
         # Rotate q and k heads in one pass: [T, H + Hkv, hd].
-        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), *rope)
+        qk = rope.apply(qkv, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         o = self.attn(q, k, qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim))
         return self.o_proj(o.reshape(t, self.q_size))
@@ -71,7 +69,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, rope: Rope, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, rope: StepRotary, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -91,7 +91,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary.lookup(positions, x.dtype)
+        rope = self.rotary.for_step(positions, x.dtype)
         for layer in self.layers:
             x, residual = layer(rope, x, residual)
         x, _ = self.norm(x, residual)
@@ -130,6 +130,12 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, LinearBase):
                 module.pack_for_cpu()
         self.lm_head.pack_for_cpu(keep_plain=self.tie_word_embeddings)
+
+    def use_fused_cpu_ops(self) -> None:
+        """Run RMSNorm, SiLU * up and rotary as compiled CPU passes (see layers/cpu_fused_ops.py)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+                module.fused = True
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

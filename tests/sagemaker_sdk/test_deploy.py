@@ -69,8 +69,18 @@ def _monitor_then_delete(aws: Aws, predictor: LLMPredictor) -> None:
     shown = {(m[0], m[1]) for m in lines}
     sagemaker = {("AWS/SageMaker", m) for m in ("Invocations", "Invocation5XXErrors", "ModelLatency")}
     hosts = {("/aws/sagemaker/Endpoints", m) for m in ("CPUUtilization", "MemoryUtilization", "GPUMemoryUtilization")}
-    ours = {("Team/LLM", spec.name) for spec in (emf.TIME_TO_FIRST_TOKEN, emf.INTER_TOKEN_LATENCY, emf.KV_CACHE_USAGE,
-                                                 emf.QUEUE_SIZE, emf.BATCH_SIZE, emf.GENERATED_TOKENS, *emf.OUTCOMES)}
+    ours = {
+        ("Team/LLM", spec.name)
+        for spec in (
+            emf.TIME_TO_FIRST_TOKEN,
+            emf.INTER_TOKEN_LATENCY,
+            emf.KV_CACHE_USAGE,
+            emf.QUEUE_SIZE,
+            emf.BATCH_SIZE,
+            emf.GENERATED_TOKENS,
+            *emf.OUTCOMES,
+        )
+    }
     assert sagemaker | hosts | ours <= shown
     assert all(m[2:6] == ["EndpointName", name, "VariantName", "AllTraffic"] for m in lines)
     widgets = body["widgets"]

@@ -130,4 +130,3 @@ def test_async_predictor_over_s3(moto: str, server: Serve) -> None:
         failed.json(timeout_s=10, poll_s=0.05)
     assert (info.value.status, info.value.error_type) == (422, "validation")
     assert info.value.message == "Input validation error: `max_new_tokens` must be strictly positive"
-

@@ -1,0 +1,156 @@
+/* Fused element-wise chains of the decoder layer for the CPU, each one pass over memory instead of 5-10 torch
+ * ops (a decode step of 32 tokens runs ~35 small ops per layer, each costing more in dispatch than in work):
+ * residual add + RMSNorm, SiLU(gate) * up, rotary embedding in place, greedy argmax + log-softmax of the pick.
+ * 16-bit variants round where torch rounds (after each op that torch runs in bf16), so they match the torch twins
+ * to float rounding. Rows are split across OpenMP threads only when the work pays for the fork.
+ * Built at run time by engine/layers/cpu_build.py; wrapped by engine/layers/cpu_fused_ops.py.
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* Below these element counts one thread runs: an OpenMP fork costs a few microseconds. SiLU (an exp and a divide
+ * per element) pays for the fork sooner than the norm or the rotation. */
+#define PARALLEL_MIN_ELEMS 65536
+#define PARALLEL_MIN_ELEMS_SILU 16384
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does (finite values) */
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
+static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* exp(x) for |x| < 87 as 2^n * e^r, |r| <= ln2/2, degree-6 Taylor polynomial (relative error ~2e-7, below bf16
+ * rounding and close to float rounding); plain arithmetic, so GCC vectorises loops over it (glibc's libmvec expf is
+ * slower than torch's own vectorised exp). Inputs below -87 give 0 (as expf's underflow). */
+static inline float fast_expf(float x) {
+    x = x < -87.f ? -87.f : (x > 87.f ? 87.f : x);
+    const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f; /* ln2 split: hi + lo */
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)n + 127) << 23;
+    return x <= -87.f ? 0.f : p * scale.f;
+}
+
+static inline float f32_to_f32(float x) { return x; }
+static inline float f32_round(float x) { return x; }
+
+#define DEFINE_OPS(SUFFIX, T, LOAD, STORE, ROUND)                                                                  \
+/* residual [rows, n] += x (when has_residual), out = weight * norm(residual); x/out rows may be strided */      \
+void add_rms_norm_##SUFFIX(const T *x, int64_t x_stride, T *residual, const T *weight, T *out, int64_t rows,     \
+                           int64_t n, float eps, int has_residual, int num_threads) {                          \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS)")   \
+    for (int64_t r = 0; r < rows; r++) {                                                                        \
+        const T *xr = x + r * x_stride;                                                                         \
+        T *res = residual + r * n, *o = out + r * n;                                                            \
+        float sq = 0.f;                                                                                         \
+        if (has_residual) {                                                                                     \
+            for (int64_t i = 0; i < n; i++) {                                                                   \
+                const float s = ROUND(LOAD(xr[i]) + LOAD(res[i]));                                              \
+                res[i] = STORE(s);                                                                              \
+                sq += s * s;                                                                                    \
+            }                                                                                                   \
+        } else {                                                                                                \
+            for (int64_t i = 0; i < n; i++) sq += LOAD(xr[i]) * LOAD(xr[i]);                                    \
+            res = (T *)xr;                                                                                      \
+        }                                                                                                       \
+        const float inv = 1.f / sqrtf(sq / (float)n + eps);                                                     \
+        for (int64_t i = 0; i < n; i++) o[i] = STORE(LOAD(weight[i]) * ROUND(LOAD(res[i]) * inv));              \
+    }                                                                                                           \
+}                                                                                                               \
+                                                                                                                \
+/* out [rows, n] = silu(x[:, :n]) * x[:, n:] for x [rows, 2n] */                                                \
+void silu_and_mul_##SUFFIX(const T *x, T *out, int64_t rows, int64_t n, int num_threads) {                     \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS_SILU)") \
+    for (int64_t r = 0; r < rows; r++) {                                                                        \
+        const T *gate = x + r * 2 * n, *up = gate + n;                                                          \
+        T *o = out + r * n;                                                                                     \
+        for (int64_t i = 0; i < n; i++) {                                                                       \
+            const float g = LOAD(gate[i]);                                                                      \
+            o[i] = STORE(ROUND(g / (1.f + fast_expf(-g))) * LOAD(up[i]));                                            \
+        }                                                                                                       \
+    }                                                                                                           \
+}                                                                                                               \
+                                                                                                                \
+/* Rotate the first `heads` heads [hd] of each row of x (row stride x_stride) in place by the float32 tables      \
+ * cos/sin [max_position, hd] at positions[r]; sin has its first half negated, so out = x * cos + roll(x, hd/2) \
+ * * sin == x * cos + rotate_half(x) * sin_unsigned. Tables are rounded to T first, as the torch path casts them. */ \
+void rotary_##SUFFIX(T *x, int64_t x_stride, const int64_t *positions, const float *cos_table,                 \
+                     const float *sin_table, int64_t rows, int64_t heads, int64_t hd, int num_threads) {        \
+    const int64_t half = hd / 2;                                                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * heads * hd >= PARALLEL_MIN_ELEMS)") \
+    for (int64_t r = 0; r < rows; r++) {                                                                        \
+        const float *c = cos_table + positions[r] * hd, *s = sin_table + positions[r] * hd;                    \
+        float cr[hd], sr[hd];                                                                                   \
+        for (int64_t i = 0; i < hd; i++) {                                                                      \
+            cr[i] = ROUND(c[i]);                                                                                \
+            sr[i] = ROUND(s[i]);                                                                                \
+        }                                                                                                       \
+        for (int64_t h = 0; h < heads; h++) {                                                                   \
+            T *xh = x + r * x_stride + h * hd;                                                                  \
+            for (int64_t i = 0; i < half; i++) {                                                                \
+                const float x1 = LOAD(xh[i]), x2 = LOAD(xh[i + half]);                                          \
+                xh[i] = STORE(ROUND(x1 * cr[i]) + x2 * sr[i]);                                                  \
+                xh[i + half] = STORE(ROUND(x2 * cr[i + half]) + x1 * sr[i + half]);                            \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+
+DEFINE_OPS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16_round)
+DEFINE_OPS(f32, float, f32_to_f32, f32_to_f32, f32_round)
+
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+
+/* Greedy pick per row of float32 logits [rows, n] (row stride `stride`): the first index of the maximum, and
+ * its log-softmax (max - logsumexp), in two vectorised passes per row instead of log_softmax + max over the
+ * whole matrix. Each of 16 lanes keeps its own first maximum; the lowest index among the lanes' maxima wins. */
+void greedy_f32(const float *logits, int64_t stride, int64_t rows, int64_t n, int64_t *ids, float *logprobs,
+                int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = logits + r * stride;
+        float m = -INFINITY;
+        int64_t best = 0, i0 = 0;
+        if (n >= 16) {
+            vfloat vbest;
+            vint vidx = {0}, lane;
+            __builtin_memcpy(&vbest, row, sizeof(vbest));
+            for (int j = 0; j < 16; j++) lane[j] = j, vidx[j] = j;
+            for (i0 = 16; i0 + 16 <= n; i0 += 16) {
+                vfloat v;
+                __builtin_memcpy(&v, row + i0, sizeof(v));
+                const vint better = v > vbest; /* all ones where strictly greater: keeps each lane's first max */
+                vidx = (vidx & ~better) | ((lane + (int32_t)i0) & better);
+                vint vb, vv;
+                __builtin_memcpy(&vb, &vbest, sizeof(vb));
+                __builtin_memcpy(&vv, &v, sizeof(vv));
+                vb = (vb & ~better) | (vv & better);
+                __builtin_memcpy(&vbest, &vb, sizeof(vb));
+            }
+            for (int j = 0; j < 16; j++)
+                if (vbest[j] > m || (vbest[j] == m && vidx[j] < best)) m = vbest[j], best = vidx[j];
+        }
+        for (int64_t i = i0; i < n; i++)
+            if (row[i] > m) m = row[i], best = i;
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; i++) sum += fast_expf(row[i] - m);
+        ids[r] = best;
+        logprobs[r] = -logf(sum);
+    }
+}

@@ -1,0 +1,82 @@
+"""The compiled CPU element-wise ops (csrc/fused_ops.c) against their torch twins, which the engine tests hold
+to transformers: residual add + RMSNorm, SiLU * up, rotary in place, and the greedy pick with its logprob.
+float32 agrees to float rounding; bfloat16 to one bf16 rounding step at most.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from engine.layers import cpu_fused_ops
+from engine.layers.activation import SiluAndMul
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 1.6e-2}}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_the_ops_build_here() -> None:
+    assert cpu_fused_ops.supports(torch.device("cpu"), torch.bfloat16), "a C compiler is on every test machine"
+    assert not cpu_fused_ops.supports(torch.device("cpu"), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 576 rows run on several threads
+def test_add_rms_norm(dtype: torch.dtype, rows: int) -> None:
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = _randn(576, dtype=dtype, seed=1)
+    wide = _randn(rows, 2 * 576, dtype=dtype, seed=2)
+    x = wide[:, 100:676]  # strided rows, as a view of a wider tensor
+    residual = _randn(rows, 576, dtype=dtype, seed=3)
+    want_out, want_sum = norm(x, residual.clone())
+    got_out, got_sum = cpu_fused_ops.add_rms_norm(x, norm.weight, norm.eps, residual)
+    assert got_sum.data_ptr() == residual.data_ptr(), "the residual is updated in place"
+    torch.testing.assert_close(got_sum, want_sum, **TOL[dtype])
+    torch.testing.assert_close(got_out, want_out, **TOL[dtype])
+    alone, same = cpu_fused_ops.add_rms_norm(x, norm.weight, norm.eps, None)
+    assert same is x or same.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(alone, norm(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 32, 200])
+def test_silu_and_mul(dtype: torch.dtype, rows: int) -> None:
+    x = _randn(rows, 2 * 1536, dtype=dtype, seed=4) * 6  # exp over a wide range of gate values
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5]).to(dtype)  # saturated and zero gates
+    torch.testing.assert_close(cpu_fused_ops.silu_and_mul(x), SiluAndMul()(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 6])
+def test_rotary_in_place(dtype: torch.dtype, head_dim: int) -> None:
+    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, rope_theta=10000.0)
+    rope = RotaryEmbedding(cfg, head_dim, max_position=4096)
+    rows, heads = 50, 5  # q and k heads to rotate; one more head (v) that must stay untouched
+    qkv = _randn(rows, (heads + 1) * head_dim, dtype=dtype, seed=5)
+    positions = torch.randint(0, 4096, (rows,), generator=torch.Generator().manual_seed(6))
+    cos, sin = rope.lookup(positions, dtype)
+    want = apply_rotary(qkv[:, : heads * head_dim].view(rows, heads, head_dim), cos, sin)
+    v_before = qkv[:, heads * head_dim :].clone()
+    cpu_fused_ops.rotary_(qkv, heads, head_dim, positions, rope.cos, rope.sin_signed)
+    torch.testing.assert_close(qkv[:, : heads * head_dim].view(rows, heads, head_dim), want, **TOL[dtype])
+    assert torch.equal(qkv[:, heads * head_dim :], v_before)
+
+
+@pytest.mark.parametrize("vocab", [49152, 401, 5])
+def test_greedy_pick_and_logprob(vocab: int) -> None:
+    logits = _randn(32, vocab, dtype=torch.float32, seed=7) * 8
+    logits[1, :] = 3.0  # all tied: the first index wins, as torch's max
+    logits[2, vocab // 2] = logits[2, -1] = 1e4  # a tie far apart
+    logits[3, :] = float("-inf")
+    logits[3, vocab - 1] = 0.0  # one finite entry
+    ids, logprobs = cpu_fused_ops.greedy(logits)
+    want_lp, want_ids = torch.log_softmax(logits, dim=-1).max(dim=-1)
+    assert ids == want_ids.tolist()
+    torch.testing.assert_close(torch.tensor(logprobs), want_lp, atol=1e-5, rtol=1e-5)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from container.settings import Settings, SettingsError, child_environment, load_settings
 from serve.emf_exporter import EmfEmitter
+from serve.engine_process import run
 from serve.engine_protocol import ModelInfo
-from serve.engine_server import EngineProcessConfig, run
+from serve.engine_server import EngineProcessConfig
 from serve.ipc import Addresses, EngineFacts, WorkerConfig, die_with_parent
 
 logger = logging.getLogger("container.launcher")

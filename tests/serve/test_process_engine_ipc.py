@@ -18,6 +18,7 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
+from serve.engine_process import run
 from serve.engine_protocol import (
     GenerateRequest,
     GenerationError,
@@ -26,7 +27,7 @@ from serve.engine_protocol import (
     UnavailableError,
     ValidationError,
 )
-from serve.engine_server import EngineProcessConfig, EngineServer, run
+from serve.engine_server import EngineProcessConfig, EngineServer
 from serve.ipc import Addresses, EngineFacts
 from serve.zmq_client import ZmqEngineClient
 from tests.serve._process import write_chain_model

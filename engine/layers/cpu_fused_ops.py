@@ -19,6 +19,7 @@ _ARGTYPES = {
     "add_rms_norm": [_P, _I64, _P, _P, _P, _I64, _I64, _F, _INT, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT],
+    "cache_kv": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
 }
 
 
@@ -89,6 +90,21 @@ def rotary_(
     _fn("rotary", x.dtype)(
         x.data_ptr(), x.stride(0), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, head_dim,
         torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def cache_kv_(
+    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, paired: bool
+) -> None:
+    """Write k/v [T, Hkv, hd] (rows may be strided, heads contiguous) at int64 flat `slots` [T] (block * bs +
+    offset) into the plain or paired caches (layouts in attention.py)."""
+    t, hkv, hd = k.shape
+    if k.stride(2) != 1 or k.stride(1) != hd or v.stride(2) != 1 or v.stride(1) != hd:
+        raise ValueError("cache_kv_ needs contiguous heads within each row")
+    bs = k_cache.shape[3]  # tokens are dim 3 of K in both layouts
+    _fn("cache_kv", k.dtype)(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), t, hkv, hd, bs, int(paired),
     )  # fmt: skip
 
 

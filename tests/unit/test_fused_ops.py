@@ -80,3 +80,35 @@ def test_greedy_pick_and_logprob(vocab: int) -> None:
     want_lp, want_ids = torch.log_softmax(logits, dim=-1).max(dim=-1)
     assert ids == want_ids.tolist()
     torch.testing.assert_close(torch.tensor(logprobs), want_lp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paired", [False, True])
+def test_cache_write(dtype: torch.dtype, paired: bool) -> None:
+    """Each (token, head) lands where the layouts of attention.py put it: plain K [n, Hkv, hd, bs] / V
+    [n, Hkv, bs, hd]; paired K [n, Hkv, hd/2, bs, 2] / V [n, Hkv, bs/2, hd, 2]."""
+    blocks, hkv, hd, bs, rows = 5, 3, 8, 4, 9
+    qkv = _randn(rows, (2 + 2 * hkv) * hd, dtype=dtype, seed=8)  # 2 query heads, then k, then v
+    k = qkv[:, 2 * hd : (2 + hkv) * hd].view(rows, hkv, hd)
+    v = qkv[:, (2 + hkv) * hd :].view(rows, hkv, hd)
+    slots = torch.randperm(blocks * bs, generator=torch.Generator().manual_seed(9))[:rows]
+    shape_k, shape_v = (
+        ((blocks, hkv, hd // 2, bs, 2), (blocks, hkv, bs // 2, hd, 2))
+        if paired
+        else (
+            (blocks, hkv, hd, bs),
+            (blocks, hkv, bs, hd),
+        )
+    )
+    kc, vc = torch.zeros(shape_k, dtype=dtype), torch.zeros(shape_v, dtype=dtype)
+    cpu_fused_ops.cache_kv_(k, v, slots, kc, vc, paired)
+    for r, slot in enumerate(slots.tolist()):
+        b, t = divmod(slot, bs)
+        for h in range(hkv):
+            if paired:
+                got_k = kc[b, h, :, t, :].reshape(hd)
+                got_v = vc[b, h, t // 2, :, t % 2]
+            else:
+                got_k, got_v = kc[b, h, :, t], vc[b, h, t]
+            assert torch.equal(got_k, k[r, h]) and torch.equal(got_v, v[r, h])
+    assert int((kc != 0).sum()) == int((k != 0).sum()) and int((vc != 0).sum()) == int((v != 0).sum())

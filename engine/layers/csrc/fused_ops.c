@@ -1,6 +1,7 @@
 /* Fused element-wise chains of the decoder layer for the CPU, each one pass over memory instead of 5-10 torch
  * ops (a decode step of 32 tokens runs ~35 small ops per layer, each costing more in dispatch than in work):
- * residual add + RMSNorm, SiLU(gate) * up, rotary embedding in place, greedy argmax + log-softmax of the pick.
+ * residual add + RMSNorm, SiLU(gate) * up, rotary embedding in place, the K/V cache write, and the greedy argmax
+ * with the log-softmax of the pick.
  * 16-bit variants round where torch rounds (after each op that torch runs in bf16), so they match the torch twins
  * to float rounding. Rows are split across OpenMP threads only when the work pays for the fork.
  * Built at run time by engine/layers/cpu_build.py; wrapped by engine/layers/cpu_fused_ops.py.
@@ -111,6 +112,30 @@ void rotary_##SUFFIX(T *x, int64_t x_stride, const int64_t *positions, const flo
     }                                                                                                           \
 }
 
+/* Store the step's K/V rows [rows, Hkv, hd] (row strides k_stride / v_stride) into the paged cache at flat slots
+ * (block * bs + offset). Plain layout: K [blocks, Hkv, hd, bs], V [blocks, Hkv, bs, hd]. Paired layout: K
+ * [blocks, Hkv, hd/2, bs, 2], V [blocks, Hkv, bs/2, hd, 2] (see engine/layers/attention.py). */
+#define DEFINE_CACHE_WRITE(SUFFIX, T)                                                                             \
+void cache_kv_##SUFFIX(const T *k, int64_t k_stride, const T *v, int64_t v_stride, const int64_t *slots, T *kc,  \
+                       T *vc, int64_t rows, int64_t hkv, int64_t hd, int64_t bs, int paired) {                   \
+    for (int64_t r = 0; r < rows; r++) {                                                                        \
+        const int64_t b = slots[r] / bs, t = slots[r] % bs;                                                     \
+        for (int64_t h = 0; h < hkv; h++) {                                                                     \
+            const T *kr = k + r * k_stride + h * hd, *vr = v + r * v_stride + h * hd;                          \
+            const int64_t base = (b * hkv + h) * hd * bs; /* both layouts: one head's block holds hd * bs */    \
+            if (paired) {                                                                                       \
+                for (int64_t i = 0; i < hd; i++) kc[base + ((i / 2) * bs + t) * 2 + i % 2] = kr[i];            \
+                for (int64_t i = 0; i < hd; i++) vc[base + ((t / 2) * hd + i) * 2 + t % 2] = vr[i];            \
+            } else {                                                                                            \
+                for (int64_t i = 0; i < hd; i++) kc[base + i * bs + t] = kr[i];                                 \
+                for (int64_t i = 0; i < hd; i++) vc[base + t * hd + i] = vr[i];                                 \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+
+DEFINE_CACHE_WRITE(bf16, uint16_t)
+DEFINE_CACHE_WRITE(f32, float)
 DEFINE_OPS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16_round)
 DEFINE_OPS(f32, float, f32_to_f32, f32_to_f32, f32_round)
 

@@ -116,7 +116,7 @@ def test_paired_layout_round_trip_and_twin() -> None:
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])  # GQA groups 1, 3, 8
-@pytest.mark.parametrize("hd", [64, 80, 96, 128, 16])
+@pytest.mark.parametrize("hd", [64, 80, 96, 128, 16, 24])
 @pytest.mark.parametrize(("block_size", "lens"), [(4, [1, 4, 5, 13]), (16, [1, 16, 33, 100, 7]), (64, [200, 63, 129])])
 def test_paired_kernel_matches_the_twin(heads, kv_heads, hd, block_size, lens) -> None:
     q, kc, vc, bt, ctx = _paired_case(heads, kv_heads, block_size, lens, hd=hd, seed=hd)

@@ -223,7 +223,8 @@ static void attend(const bf16 *q, int64_t q_stride, const bf16 *kc, const bf16 *
     memset(acc, 0, sizeof(float) * (size_t)(nq * hd));
     for (int64_t t0 = 0; t0 < ctx_max; t0 += bs) { /* p.V */
         const bf16 *vb = vc + (bt[t0 / bs] * Hkv + h) * block;
-        const char *pf = t0 + bs < ctx_max ? (const char *)(vc + (bt[t0 / bs + 1] * Hkv + h) * block) : NULL;
+        const char *pf = (const char *)(t0 + bs < ctx_max ? vc + (bt[t0 / bs + 1] * Hkv + h) * block
+                                                          : h + 1 < Hkv ? kc + (bt[0] * Hkv + h + 1) * block : NULL);
         for (int64_t d0 = 0; d0 < hd; d0 += LANES * TB) {
             const int64_t dims = hd - d0 < LANES * TB ? hd - d0 : LANES * TB, nt = (dims + LANES - 1) / LANES;
             for (int64_t c = 0; c < nchunks; c++) {
@@ -249,7 +250,8 @@ void paired_attention_bf16(const bf16 *q, int64_t q_stride, const bf16 *kc, cons
                            int64_t max_blocks, const int64_t *group_starts, const int64_t *group_tables,
                            int64_t num_groups, const int64_t *row_ctx, bf16 *out, int64_t H, int64_t Hkv, int64_t bs,
                            int64_t hd, float scale, int num_threads) {
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+/* A thread takes the Hkv heads of a group in turn: each one's last V block fetches the next head's first K block. */
+#pragma omp parallel for collapse(2) schedule(dynamic, Hkv) num_threads(num_threads)
     for (int64_t w = 0; w < num_groups; w++)
         for (int64_t h = 0; h < Hkv; h++)
             attend(q, q_stride, kc, vc, tables + group_tables[w] * max_blocks, group_starts[w], group_starts[w + 1],

@@ -137,10 +137,8 @@ class Attention(nn.Module):
         if meta.value_pairs is None:
             meta.value_pairs = (offsets // 2, offsets % 2)
         pair_rows, halves = meta.value_pairs  # V token t sits in pair row t // 2, half t % 2
-        # K: a pair of dims is one 32-bit word, so the paired K is a plain K of hd/2 words [rows, hd/2, bs].
-        kc.view(torch.int32).view(-1, hd // 2, kc.shape[3])[block_rows, :, offsets] = k.reshape(-1, hd).view(
-            torch.int32
-        )
+        words = kc.view(torch.int32).view(-1, hd // 2, kc.shape[3])  # 16-bit K: a pair of dims is one 32-bit word,
+        words[block_rows, :, offsets] = k.reshape(-1, hd).view(torch.int32)  # so it is written as a plain K
         vc.view(-1, vc.shape[2], hd, 2)[block_rows, pair_rows, :, halves] = v.reshape(-1, hd)
 
     def _plain(self, blocks: torch.Tensor) -> torch.Tensor:

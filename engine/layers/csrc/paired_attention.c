@@ -4,8 +4,9 @@
  * bf16 pairs, what vdpbf16ps multiplies: q.K runs lanes over tokens, p.V lanes over head dims.
  * Rows come in groups that share one block table (a decode row alone, or up to 16 rows of a prefill chunk); row r
  * attends over cache tokens [0, ctx[r]). One OpenMP task per (group, KV head) shares each K/V tile it loads across
- * the group's rows x G query heads (register blocks of 4 query vectors x 4 tiles). Scores, softmax and sums are fp32;
- * probabilities go to bf16 for p.V. Without avx512_bf16 the same arithmetic runs on GCC vector extensions.
+ * the group's rows x G query heads (register blocks of 4 query vectors x 4 tiles) and prefetches the block it reads
+ * next. Scores, softmax and sums are fp32; probabilities go to bf16 for p.V. Without avx512_bf16 the same arithmetic
+ * runs on GCC vector extensions (any x86-64 or ARM gcc). Built at run time by engine/layers/cpu_decode_kernel.py.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -192,6 +193,7 @@ static void attend(const bf16 *q, int64_t q_stride, const bf16 *kc, const bf16 *
     const int64_t ld = (ctx_max + 31) & ~(int64_t)31, nchunks = (nq + QB - 1) / QB;
     /* scores [nq, ld] fp32 | acc [nq, hd] fp32 | probs [nq, ld] bf16 | query, prob pointers | chunk ctx | sums */
     char *buf = malloc((size_t)(nq * (ld * 6 + hd * 4 + 2 * sizeof(void *) + 4) + nchunks * 8));
+    if (buf == NULL) abort();
     float *s = (float *)buf, *acc = s + nq * ld; /* hd is even and ld a multiple of 32: the pointers stay aligned */
     bf16 *p = (bf16 *)(acc + nq * hd);
     const bf16 **qp = (const bf16 **)(p + nq * ld), **pp = qp + nq;

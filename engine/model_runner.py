@@ -37,7 +37,7 @@ class StepInput:
     slots: list[int] = field(default_factory=list)  # cache slot (block * block_size + offset) of each token
     decode_tables: list[list[int]] = field(default_factory=list)  # block table of each decode row
     decode_lens: list[int] = field(default_factory=list)  # tokens each decode row attends over
-    prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)  # (row, start, end, table)
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (row, start, end, table)
     sample_rows: list[int] = field(default_factory=list)
 
 
@@ -74,9 +74,10 @@ class ModelRunner:
             model.use_fused_cpu_ops()
         self.model = model.eval()
         self.sampler = Sampler(fused=self.fused_ops)
-        self.num_blocks = self._allocate_kv_cache(hf_config)
         # CPU decodes read the paged cache in place with a compiled kernel when one builds here.
         self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(self.device, self.dtype)
+        self.paired = False  # the paired cache layout, whose kernel runs every row (decode and prefill)
+        self.num_blocks = self._allocate_kv_cache(hf_config)
 
     def _allocate_kv_cache(self, hf_config) -> int:
         layers = self.model.attention_layers()
@@ -97,16 +98,21 @@ class ModelRunner:
         num_blocks = self.parallel.min_over_ranks(num_blocks, self.device)  # every rank holds the same blocks
         if num_blocks < 1:
             raise ValueError("not enough memory for a single KV-cache block; lower the model size or raise the budget")
-        k_shape, v_shape = Attention.cache_shapes(num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+        self.paired = self.decode_kernel and cpu_decode_kernel.supports_paired(
+            self.device, self.dtype, a.head_dim, self.block_size
+        )
+        k_shape, v_shape = Attention.cache_shapes(num_blocks, a.num_kv_heads, self.block_size, a.head_dim, self.paired)
         self.num_kv_heads = a.num_kv_heads
         for layer in layers:
             layer.k_cache = torch.zeros(k_shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(v_shape, dtype=self.dtype, device=self.device)
+            layer.paired = self.paired
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            "KV cache: %d blocks of %d tokens (%.1f MiB%s)",
             num_blocks,
             self.block_size,
             num_blocks * bytes_per_block / 2**20,
+            ", paired layout" if self.paired else "",
         )
         return num_blocks
 
@@ -134,8 +140,7 @@ class ModelRunner:
             step.decode_lens.append(p + 1)
         for item in batch.prefills:
             seq, start, end = item.seq, item.start, item.end
-            table = seq.block_table[: -(-end // bs)] if start > 0 else None  # earlier tokens are in the cache
-            step.prefills.append((len(ids), start, end, table))
+            step.prefills.append((len(ids), start, end, seq.block_table[: -(-end // bs)]))
             ids.extend(seq.token_slice(start, end))
             positions.extend(range(start, end))
             slots.extend(self._slots(seq.block_table, start, end))
@@ -147,7 +152,10 @@ class ModelRunner:
         """-> input_ids [T], positions [T], attention metadata, on this rank's device."""
         dev, bs = self.device, self.block_size
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(step.decode_tables))
-        if step.decode_tables:
+        if self.paired:  # one kernel call per layer: decode rows, then each chunk's rows (its K/V written first)
+            chunks = [(start, end, table) for _, start, end, table in step.prefills]
+            meta.kernel_rows = cpu_decode_kernel.kernel_rows(step.decode_tables, step.decode_lens, chunks)
+        elif step.decode_tables:
             width = max(len(t) for t in step.decode_tables)
             padded = [t + [0] * (width - len(t)) for t in step.decode_tables]
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
@@ -158,15 +166,17 @@ class ModelRunner:
                 pad = torch.arange(width * bs, device=dev).unsqueeze(0) >= lens.unsqueeze(1)
                 bias = torch.zeros(pad.shape, device=dev).masked_fill_(pad, float("-inf"))
                 meta.decode_mask = bias[:, None, None, :]  # [D, 1, 1, L]
-        for q_start, start, end, table in step.prefills:
+        for q_start, start, end, table in [] if self.paired else step.prefills:
             chunk = PrefillChunk(q_start=q_start, q_len=end - start, ctx_len=end)
-            if table is not None:  # attend over the cache with an offset mask
+            if start > 0:  # earlier tokens are in the cache: attend over it with an offset mask
                 chunk.block_table = torch.tensor(table, dtype=torch.long, device=dev)
                 q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
                 chunk.mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos  # [q_len, ctx_len]
             meta.prefills.append(chunk)
         # Cache rows of (token, kv head): ((block * Hkv + h) * block_size + offset), [T * Hkv].
         slot = torch.tensor(step.slots, dtype=torch.long, device=dev)
+        if self.fused_ops:
+            meta.fused_slots = slot
         heads = torch.arange(self.num_kv_heads, device=dev) * bs
         meta.slot_mapping = ((slot // bs * self.num_kv_heads * bs + slot % bs).unsqueeze(1) + heads).view(-1)
         meta.key_slots = (meta.slot_mapping // bs, meta.slot_mapping % bs)

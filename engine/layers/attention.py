@@ -1,8 +1,10 @@
-"""Paged attention in pure torch (SDPA): write the step's K/V into cache slots, then attend.
+"""Paged attention: write the step's K/V into cache slots, then attend (compiled CPU kernels or torch/SDPA).
 
-The KV cache of one layer: V `[num_blocks, Hkv, block_size, head_dim]`, K transposed per block
+The plain KV cache of one layer: V `[num_blocks, Hkv, block_size, head_dim]`, K transposed per block
 `[num_blocks, Hkv, head_dim, block_size]` (q.K then runs across tokens: plain matmuls, no transposes).
-Decodes use the compiled CPU kernel where it builds, else batched matmuls over gathered block tables;
+The paired layout (bf16 on CPU, where csrc/paired_attention.c runs every row of a step, decodes and prefill chunks,
+in one call): K `[num_blocks, Hkv, head_dim/2, block_size, 2]`, V `[num_blocks, Hkv, block_size/2, head_dim, 2]`.
+Otherwise decodes use the plain-layout CPU kernel where it builds, else batched matmuls over gathered block tables;
 prefill chunks run one SDPA call each, causal over fresh K/V, or masked over the cache when tokens are cached.
 """
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers import cpu_decode_kernel
+from engine.layers import cpu_decode_kernel, cpu_fused_ops
 
 
 @dataclass
@@ -37,9 +39,22 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] float 0/-inf, or None
     decode_context_lens: torch.Tensor | None = None  # [D] int64: set when the CPU decode kernel runs decodes
     prefills: list[PrefillChunk] = field(default_factory=list)
+    kernel_rows: cpu_decode_kernel.KernelRows | None = None  # paired cache: every row of the step in one kernel call
+    value_pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # paired cache: key_slots[1] // 2, % 2
+    fused_slots: torch.Tensor | None = None  # [T] int64 block * block_size + offset: the compiled write runs
 
 
 _metadata: AttentionMetadata | None = None
+
+
+def pair(x: torch.Tensor) -> torch.Tensor:
+    """[..., A, B] -> [..., A/2, B, 2]: rows 2i and 2i + 1 interleaved (plain cache blocks -> paired ones)."""
+    return x.unflatten(-2, (x.shape[-2] // 2, 2)).transpose(-1, -2)
+
+
+def unpair(x: torch.Tensor) -> torch.Tensor:
+    """[..., A/2, B, 2] -> [..., A, B], the inverse of pair()."""
+    return x.transpose(-1, -2).flatten(-3, -2)
 
 
 @contextmanager
@@ -59,9 +74,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.gqa = num_heads != num_kv_heads
-        # Bound by the model runner once the cache is allocated.
+        # Bound by the model runner once the cache is allocated; `paired`: the cache has the paired layout.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.paired = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
@@ -69,9 +85,9 @@ class Attention(nn.Module):
         if meta is None:
             raise RuntimeError("Attention called outside attention_metadata()")
         kc, vc = self.k_cache, self.v_cache
-        block_rows, offsets = meta.key_slots
-        kc.view(-1, self.head_dim, kc.shape[-1])[block_rows, :, offsets] = k.reshape(-1, self.head_dim)
-        vc.view(-1, self.head_dim).index_copy_(0, meta.slot_mapping, v.reshape(-1, self.head_dim))
+        self._write(kc, vc, k, v, meta)
+        if meta.kernel_rows is not None:
+            return cpu_decode_kernel.paired_attention(q, kc, vc, meta.kernel_rows, self.scale)
         if meta.num_decodes and not meta.prefills:
             return self._decode(q, kc, vc, meta)
         out = torch.empty_like(q)
@@ -84,7 +100,7 @@ class Attention(nn.Module):
             if p.block_table is None:
                 ks, vs, mask = k[rows].transpose(0, 1), v[rows].transpose(0, 1), None
             else:
-                blocks = kc.index_select(0, p.block_table)  # [n, Hkv, hd, bs] -> [Hkv, n * bs, hd]
+                blocks = self._plain(kc.index_select(0, p.block_table))  # [n, Hkv, hd, bs] -> [Hkv, n * bs, hd]
                 ks = blocks.permute(1, 0, 3, 2).reshape(self.num_kv_heads, -1, self.head_dim)[:, : p.ctx_len]
                 vs, mask = self._gather(vc, p), p.mask
             o = F.scaled_dot_product_attention(
@@ -100,13 +116,42 @@ class Attention(nn.Module):
         return out
 
     @staticmethod
-    def cache_shapes(num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int) -> tuple[tuple, tuple]:
-        """(K shape, V shape) of one layer's cache."""
-        return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim)
+    def cache_shapes(
+        num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int, paired: bool = False
+    ) -> tuple[tuple, tuple]:
+        """(K shape, V shape) of one layer's cache; `paired` needs an even head_dim and block_size."""
+        n, h, bs, hd = num_blocks, num_kv_heads, block_size, head_dim
+        if paired:
+            return (n, h, hd // 2, bs, 2), (n, h, bs // 2, hd, 2)
+        return (n, h, hd, bs), (n, h, bs, hd)
+
+    def _write(
+        self, kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Store the step's k/v [T, Hkv, hd] in their cache slots (key_slots: block row, offset of each [T * Hkv])."""
+        if meta.fused_slots is not None:
+            cpu_fused_ops.cache_kv_(k, v, meta.fused_slots, kc, vc, self.paired)
+            return
+        hd = self.head_dim
+        block_rows, offsets = meta.key_slots
+        if not self.paired:
+            kc.view(-1, hd, kc.shape[-1])[block_rows, :, offsets] = k.reshape(-1, hd)
+            vc.view(-1, hd).index_copy_(0, meta.slot_mapping, v.reshape(-1, hd))
+            return
+        if meta.value_pairs is None:
+            meta.value_pairs = (offsets // 2, offsets % 2)
+        pair_rows, halves = meta.value_pairs  # V token t sits in pair row t // 2, half t % 2
+        words = kc.view(torch.int32).view(-1, hd // 2, kc.shape[3])  # 16-bit K: a pair of dims is one 32-bit word,
+        words[block_rows, :, offsets] = k.reshape(-1, hd).view(torch.int32)  # so it is written as a plain K
+        vc.view(-1, vc.shape[2], hd, 2)[block_rows, pair_rows, :, halves] = v.reshape(-1, hd)
+
+    def _plain(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Gathered cache blocks in the plain layout: K [..., hd, bs], V [..., bs, hd] (a view when not paired)."""
+        return unpair(blocks) if self.paired else blocks
 
     def _gather(self, cache: torch.Tensor, p: PrefillChunk) -> torch.Tensor:
         """A chunk's cached V as [Hkv, ctx_len, hd]."""
-        blocks = cache.index_select(0, p.block_table)  # [n, Hkv, bs, hd]
+        blocks = self._plain(cache.index_select(0, p.block_table))  # [n, Hkv, bs, hd]
         return blocks.transpose(0, 1).flatten(1, 2)[:, : p.ctx_len]
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -120,9 +165,9 @@ class Attention(nn.Module):
         if meta.decode_context_lens is not None:
             return cpu_decode_kernel.paged_decode(q, kc, vc, bt, meta.decode_context_lens, self.scale)
         d, m = bt.shape
-        hkv, bs, hd = self.num_kv_heads, vc.shape[2], self.head_dim
-        ks = kc.index_select(0, bt.view(-1)).view(d, m, hkv, hd, bs)
-        vs = vc.index_select(0, bt.view(-1)).view(d, m, hkv, bs, hd)
+        hkv, bs, hd = self.num_kv_heads, kc.shape[3], self.head_dim  # tokens are dim 3 in either layout
+        ks = self._plain(kc.index_select(0, bt.view(-1))).reshape(d, m, hkv, hd, bs)
+        vs = self._plain(vc.index_select(0, bt.view(-1))).reshape(d, m, hkv, bs, hd)
         qg = q.view(d, 1, hkv, -1, hd)
         g = qg.shape[3]
         scores = torch.matmul(qg, ks)  # [D, M, Hkv, G, bs]

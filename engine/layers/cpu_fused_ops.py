@@ -19,7 +19,7 @@ _ARGTYPES = {
     "add_rms_norm": [_P, _I64, _P, _P, _P, _I64, _I64, _F, _INT, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT],
-    "cache_kv": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
+    "cache_kv": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT],
 }
 
 
@@ -104,7 +104,7 @@ def cache_kv_(
     bs = k_cache.shape[3]  # tokens are dim 3 of K in both layouts
     _fn("cache_kv", k.dtype)(
         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), t, hkv, hd, bs, int(paired),
+        v_cache.data_ptr(), t, hkv, hd, bs, int(paired), torch.get_num_threads(),
     )  # fmt: skip
 
 

@@ -118,8 +118,9 @@ void rotary_##SUFFIX(T *x, int64_t x_stride, const int64_t *positions, const flo
 #define DEFINE_CACHE_WRITE(SUFFIX, T)                                                                             \
 void cache_kv_##SUFFIX(const T *k, int64_t k_stride, const T *v, int64_t v_stride, const int64_t *slots, T *kc,  \
                        T *vc, int64_t rows, int64_t hkv, int64_t hd, int64_t bs, int paired, int num_threads) {  \
-    /* slots are distinct, so rows never write the same element */                                              \
-    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * hkv * hd >= PARALLEL_MIN_ELEMS)") \
+    /* Slots are distinct, so rows never write the same element. Each (token, head) misses the cache on its lines \
+     * (a write allocates them): two threads keep twice the misses in flight, worth a fork from a few rows on. */ \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * hkv >= 16)")                 \
     for (int64_t r = 0; r < rows; r++) {                                                                        \
         const int64_t b = slots[r] / bs, t = slots[r] % bs;                                                     \
         for (int64_t h = 0; h < hkv; h++) {                                                                     \

@@ -36,7 +36,8 @@ def bind_gemm(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def supports(w: torch.Tensor) -> bool:
     """Whether the weight `w` [out, in] can run the compiled matmul here (CPU, bfloat16, a C compiler)."""
-    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and w.numel() > 0 and _lib() is not None
+    plain = w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and w.numel() > 0
+    return plain and _lib() is not None
 
 
 @dataclass

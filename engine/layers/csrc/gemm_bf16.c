@@ -16,8 +16,13 @@ typedef uint16_t bf16;
 #define LANES 16     /* fp32 lanes (bf16 pairs) per vector: the columns of a panel */
 #define MR 8         /* rows per register block */
 #define NR 3         /* panels per register block */
-#define X_CHUNK_BYTES (192 * 1024) /* rows of x per chunk: about this many bytes (kept in the L2 with the block) */
+#ifndef X_CHUNK_BYTES /* rows of x per chunk: about this many bytes (kept in the L2 with the block; 96-384 KB alike) */
+#define X_CHUNK_BYTES (192 * 1024)
+#endif
 #define PARALLEL_MIN_MACS 65536    /* below this many multiply-adds one thread runs (an OpenMP fork is microseconds) */
+#ifndef PF_HINT
+#define PF_HINT 3 /* temporal locality of the prefetches (3: all cache levels; 0-2 measured no better) */
+#endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -73,8 +78,8 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, int mr, const bf16 *w, int64_
         for (int j = 0; j < nr; j++) acc[a][j] = (vf){0};
     const int64_t pairs = K / 2;
     for (int64_t i = 0; i < pairs; i++) {
-        if (pf < pf_end)
-            for (int b = 0; b < q; b++) __builtin_prefetch(pf + 64 * b, 0, 2);
+        if (q && pf < pf_end)
+            for (int b = 0; b < q; b++) __builtin_prefetch(pf + 64 * b, 0, PF_HINT);
         pf += 64 * q;
         vp wt[NR];
         for (int j = 0; j < nr; j++) wt[j] = pairs_load(w + j * panel + 32 * i);
@@ -121,8 +126,10 @@ static void tile(const bf16 *x, int64_t xs, int mr, const bf16 *w, int64_t panel
 void gemm_bf16(const bf16 *x, int64_t xs, const bf16 *w, const bf16 *bias, bf16 *y, int64_t ys, int64_t M,
                int64_t N, int64_t K, int num_threads) {
     const int64_t panel = (K + 1) / 2 * 32, num_panels = (N + LANES - 1) / LANES;
-    int64_t chunk = X_CHUNK_BYTES / (2 * (K > 0 ? K : 1)) / MR * MR;
+    int64_t chunk = X_CHUNK_BYTES / (2 * (K > 0 ? K : 1));
     chunk = chunk < MR ? MR : chunk;
+    chunk = (M + chunk - 1) / chunk; /* the number of chunks: then rows shared evenly, in whole register blocks */
+    chunk = ((M + chunk - 1) / chunk + MR - 1) / MR * MR;
     const int parallel = num_panels >= 2 && M * N * K >= PARALLEL_MIN_MACS;
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
@@ -135,7 +142,9 @@ void gemm_bf16(const bf16 *x, int64_t xs, const bf16 *w, const bf16 *bias, bf16 
         const int64_t p0 = num_panels * t / T, p1 = num_panels * (t + 1) / T;
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t mc = M - m0 < chunk ? M - m0 : chunk, row_blocks = (mc + MR - 1) / MR;
-            const int q = (int)((NR + row_blocks - 1) / row_blocks); /* prefetch lines per k step */
+            /* Prefetch lines per k step: the next block's lines spread over this block's steps. A single row (GEMV)
+             * is all memory: the hardware prefetchers keep up and software prefetches only compete with them. */
+            const int q = M > 1 ? (int)((NR + row_blocks - 1) / row_blocks) : 0;
             for (int64_t p = p0; p < p1; p += NR) {
                 const int nr = (int)(p1 - p < NR ? p1 - p : NR);
                 const int64_t next_end = p + nr + NR < p1 ? p + nr + NR : p1;

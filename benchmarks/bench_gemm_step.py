@@ -15,8 +15,9 @@ from engine.benchmark import build_prompts
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [32, 1]
-    llms = {flag: LLM(None, dtype="bfloat16", cpu_gemm=flag) for flag in (False, True)}
+    sizes = [int(a) for a in sys.argv[1:] if a.isdigit()] or [32, 1]
+    order = (True, False) if "--kernel-first" in sys.argv else (False, True)
+    llms = {flag: LLM(None, dtype="bfloat16", cpu_gemm=flag) for flag in order}
     for n in sizes:
         prompts = build_prompts(llms[True].tokenizer, n)
         times: dict[bool, list[float]] = {False: [], True: []}

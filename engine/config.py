@@ -35,6 +35,7 @@ class EngineConfig:
     collective_timeout_s: float = 600.0  # a collective waiting longer on a rank fails the engine
     cpu_decode_kernel: bool = True  # CPU: compiled paged decode attention when a C compiler is present
     cpu_fused_ops: bool = True  # CPU: compiled RMSNorm / SiLU * up / rotary / greedy pick (same condition)
+    cpu_gemm: bool = True  # CPU: bf16 matmuls on the compiled kernel (else oneDNN's packed matmul); same condition
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.cpu_gemm import PackedWeight
 from engine.layers.cpu_packing import pack_weight, packed_linear
 from engine.parallel import get_parallel_state
 from engine.weight_slice import Weight, materialize, narrow_clamped
@@ -43,7 +44,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    packed: torch.Tensor | None = None
+    packed: torch.Tensor | PackedWeight | None = None
 
     def pack_for_cpu(self, keep_plain: bool) -> None:
         """Pack for CPU matmuls; `keep_plain` when the weight is shared with the embedding."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.cpu_gemm import PackedWeight
 from engine.layers.cpu_packing import pack_weight, packed_linear
 from engine.parallel import divide, get_parallel_state
 from engine.weight_slice import Weight, materialize
@@ -24,14 +25,15 @@ def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
 
 
 class LinearBase(nn.Module):
-    """Holds `weight` [out, in] and `bias`; on CPU in 16-bit, matmuls run on a oneDNN-packed copy.
+    """Holds `weight` [out, in] and `bias`; on CPU in 16-bit, matmuls run on a packed copy (the compiled bf16
+    kernel's or oneDNN's).
 
     `pack_for_cpu` is called once after loading (see layers/cpu_packing.py).
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
-    packed: torch.Tensor | None = None
+    packed: torch.Tensor | PackedWeight | None = None
 
     def pack_for_cpu(self) -> None:
         self.packed = pack_weight(self.weight.data)

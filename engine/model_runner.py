@@ -16,7 +16,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import cpu_threads, rank_device, resolve_dtype
-from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_packing
+from engine.layers import cpu_decode_kernel, cpu_fused_ops
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
@@ -67,8 +67,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(iter_weights(files, hf_config))
-        cpu_packing.use_gemm_kernel(config.cpu_gemm)  # bf16: the compiled kernel's layout, else oneDNN's
-        model.pack_for_cpu()
+        model.pack_for_cpu(gemm_kernel=config.cpu_gemm)  # bf16: the compiled GEMM kernel's layout, else oneDNN's
         # CPU: norms, activations, rotary and greedy picks as compiled passes where they build here.
         self.fused_ops = config.cpu_fused_ops and cpu_fused_ops.supports(self.device, self.dtype)
         if self.fused_ops:

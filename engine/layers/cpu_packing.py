@@ -13,20 +13,13 @@ import torch
 
 from engine.layers import cpu_gemm
 
-_use_gemm_kernel = True
 
-
-def use_gemm_kernel(enabled: bool) -> None:
-    """Whether `pack_weight` picks the compiled kernel for bfloat16 weights (set before a model packs)."""
-    global _use_gemm_kernel
-    _use_gemm_kernel = enabled
-
-
-def pack_weight(w: torch.Tensor) -> torch.Tensor | cpu_gemm.PackedWeight | None:
-    """A packed copy of `w` [out, in], or None where packing does not apply (GPU, fp32, no oneDNN)."""
+def pack_weight(w: torch.Tensor, gemm_kernel: bool = True) -> torch.Tensor | cpu_gemm.PackedWeight | None:
+    """A packed copy of `w` [out, in], or None where packing does not apply (GPU, fp32, no oneDNN).
+    `gemm_kernel`: bfloat16 weights may take the compiled kernel's layout (else oneDNN's)."""
     if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16) or w.numel() == 0:
         return None
-    if _use_gemm_kernel and cpu_gemm.supports(w):
+    if gemm_kernel and cpu_gemm.supports(w):
         return cpu_gemm.pack(w)
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None

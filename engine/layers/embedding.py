@@ -46,9 +46,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     packed: torch.Tensor | PackedWeight | None = None
 
-    def pack_for_cpu(self, keep_plain: bool) -> None:
+    def pack_for_cpu(self, keep_plain: bool, gemm_kernel: bool = True) -> None:
         """Pack for CPU matmuls; `keep_plain` when the weight is shared with the embedding."""
-        self.packed = pack_weight(self.weight.data)
+        self.packed = pack_weight(self.weight.data, gemm_kernel)
         if self.packed is not None and not keep_plain:
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 

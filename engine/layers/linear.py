@@ -35,8 +35,8 @@ class LinearBase(nn.Module):
     bias: nn.Parameter | None
     packed: torch.Tensor | PackedWeight | None = None
 
-    def pack_for_cpu(self) -> None:
-        self.packed = pack_weight(self.weight.data)
+    def pack_for_cpu(self, gemm_kernel: bool = True) -> None:
+        self.packed = pack_weight(self.weight.data, gemm_kernel)
         if self.packed is not None:  # the plain copy is no longer read
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 

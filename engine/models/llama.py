@@ -124,12 +124,13 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden] -> float32 [N, vocab]."""
         return self.lm_head(hidden).float()
 
-    def pack_for_cpu(self) -> None:
-        """Repack matmul weights for oneDNN (CPU, 16-bit only; a no-op elsewhere)."""
+    def pack_for_cpu(self, gemm_kernel: bool = True) -> None:
+        """Repack matmul weights (CPU, 16-bit only; a no-op elsewhere): bf16 for the compiled GEMM kernel when
+        `gemm_kernel` and it builds, else for oneDNN (see layers/cpu_packing.py)."""
         for module in self.modules():
             if isinstance(module, LinearBase):
-                module.pack_for_cpu()
-        self.lm_head.pack_for_cpu(keep_plain=self.tie_word_embeddings)
+                module.pack_for_cpu(gemm_kernel)
+        self.lm_head.pack_for_cpu(keep_plain=self.tie_word_embeddings, gemm_kernel=gemm_kernel)
 
     def use_fused_cpu_ops(self) -> None:
         """Run RMSNorm, SiLU * up and rotary as compiled CPU passes (see layers/cpu_fused_ops.py)."""

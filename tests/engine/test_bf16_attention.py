@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, RequestOutput
+from engine.layers import cpu_gemm
 
 from .conftest import Engines, TinyModels, TinySpec, greedy, random_prompt
 
@@ -66,3 +67,15 @@ def test_odd_block_size_keeps_the_plain_layout(soft_engines: Engines) -> None:
     plain = soft_engines(MODEL, **config)
     assert plain.engine.runner.decode_kernel and not plain.engine.runner.paired
     _agree(_generate(plain), _generate(soft_engines(MODEL, cpu_decode_kernel=False, **config)))
+
+
+def test_every_compiled_path_agrees_with_the_torch_paths(soft_engines: Engines) -> None:
+    """bf16 with the GEMM kernel, fused ops and paired attention (the CPU default) against oneDNN matmuls, torch
+    element-wise ops and the attention twin, all at once."""
+    compiled = soft_engines(MODEL, dtype="bfloat16")
+    torch_only = soft_engines(MODEL, dtype="bfloat16", cpu_decode_kernel=False, cpu_fused_ops=False, cpu_gemm=False)
+    runner = compiled.engine.runner
+    assert runner.fused_ops and runner.paired and not torch_only.engine.runner.fused_ops
+    assert isinstance(runner.model.model.layers[0].mlp.down_proj.packed, cpu_gemm.PackedWeight)
+    assert not isinstance(torch_only.engine.runner.model.model.layers[0].mlp.down_proj.packed, cpu_gemm.PackedWeight)
+    _agree(_generate(compiled), _generate(torch_only))

@@ -79,11 +79,7 @@ def test_pack_round_trip_and_refusals() -> None:
 def test_pack_weight_picks_the_kernel_or_onednn() -> None:
     x, w, b = _case(5, 49, 40)
     assert isinstance(cpu_packing.pack_weight(w), cpu_gemm.PackedWeight)
-    try:
-        cpu_packing.use_gemm_kernel(False)
-        onednn = cpu_packing.pack_weight(w)
-    finally:
-        cpu_packing.use_gemm_kernel(True)
+    onednn = cpu_packing.pack_weight(w, gemm_kernel=False)
     assert onednn is None or isinstance(onednn, torch.Tensor)
     for packed in (cpu_packing.pack_weight(w), onednn):
         if packed is not None:

@@ -2,12 +2,16 @@
 other builds of it named on the command line), interleaved, best of N. A "step" is 30 distinct layers x (qkv, o,
 gate_up, down) = 212 MB of weights, then the LM head [49152 x 576] after a 64 MB cache flush.
 
-    PYTHONPATH=$PWD python benchmarks/bench_gemm_cold.py 1,8,32,64 [reps] [other_build.so ...]
+    python -m engine.gemm_benchmark 1,8,32,64 [reps] [other_build.so ...]
+
+Prints a table per M (ms, and oneDNN / kernel ratios) and writes bench_results/gemm_benchmark.json.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import sys
 import time
 
@@ -54,6 +58,7 @@ def main() -> None:
         t["layers"] = sum(t[name] for name in SHAPES)
         return t
 
+    report: dict[str, dict[str, dict[str, float]]] = {}
     for m in ms:
         xs = {name: torch.randn(m, k).bfloat16() for name, (n, k) in SHAPES.items()}
         best: dict[str, dict[str, float]] = {}
@@ -64,6 +69,13 @@ def main() -> None:
         print(f"M={m}, best of {reps} (ms)  " + "".join(f"{k:>9}" for k in best["onednn"]))
         for label, t in best.items():
             print(f"  {label:>20} " + "".join(f"{v * 1e3:9.2f}" for v in t.values()))
+        ratios = {k: best["onednn"][k] / v for k, v in best["kernel"].items()}
+        print(f"  {'onednn / kernel':>20} " + "".join(f"{r:8.2f}x" for r in ratios.values()))
+        report[str(m)] = {**{label: {k: v * 1e3 for k, v in t.items()} for label, t in best.items()}, "ratio": ratios}
+    os.makedirs("bench_results", exist_ok=True)
+    with open("bench_results/gemm_benchmark.json", "w") as f:
+        json.dump({"reps": reps, "ms": report, "threads": torch.get_num_threads()}, f, indent=2)
+    print("wrote bench_results/gemm_benchmark.json")
 
 
 if __name__ == "__main__":

@@ -222,13 +222,17 @@ def bench(
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes read per decode step, bytes resident) of the weights: parameters plus tensors a module keeps as
-    plain attributes (oneDNN-packed copies; KV caches excluded), tied weights counted once. A plain weight that
-    also has a packed copy (a tied embedding kept for lookups) is resident but not read whole per step."""
+    plain attributes (packed copies for oneDNN or the GEMM kernel; KV caches excluded), tied weights counted
+    once. A plain weight that also has a packed copy (a tied embedding kept for lookups) is resident but not
+    read whole per step."""
     tensors: dict[int, tuple[torch.Tensor, bool]] = {}
+    from engine.layers.cpu_gemm import PackedWeight
+
     for mod in model.modules():
-        packed = isinstance(getattr(mod, "packed", None), torch.Tensor)
+        packed = isinstance(getattr(mod, "packed", None), (torch.Tensor, PackedWeight))
         own = [(n, t, not (packed and n == "weight")) for n, t in mod.named_parameters(recurse=False)]
-        own += [(n, t, True) for n, t in vars(mod).items() if isinstance(t, torch.Tensor) and "cache" not in n]
+        attrs = {n: t.data if isinstance(t, PackedWeight) else t for n, t in vars(mod).items()}
+        own += [(n, t, True) for n, t in attrs.items() if isinstance(t, torch.Tensor) and "cache" not in n]
         for _, t, read in own:
             if t.numel():
                 key = id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()

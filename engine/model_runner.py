@@ -175,11 +175,12 @@ class ModelRunner:
             meta.prefills.append(chunk)
         # Cache rows of (token, kv head): ((block * Hkv + h) * block_size + offset), [T * Hkv].
         slot = torch.tensor(step.slots, dtype=torch.long, device=dev)
-        if self.fused_ops:
+        if self.fused_ops:  # the compiled write takes the flat slots; the rows below are the torch write's
             meta.fused_slots = slot
-        heads = torch.arange(self.num_kv_heads, device=dev) * bs
-        meta.slot_mapping = ((slot // bs * self.num_kv_heads * bs + slot % bs).unsqueeze(1) + heads).view(-1)
-        meta.key_slots = (meta.slot_mapping // bs, meta.slot_mapping % bs)
+        else:
+            heads = torch.arange(self.num_kv_heads, device=dev) * bs
+            meta.slot_mapping = ((slot // bs * self.num_kv_heads * bs + slot % bs).unsqueeze(1) + heads).view(-1)
+            meta.key_slots = (meta.slot_mapping // bs, meta.slot_mapping % bs)
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(step.positions, dtype=torch.long, device=dev)
         return input_ids, pos, meta

@@ -1,11 +1,12 @@
 """Fixed-size KV-cache blocks: a free list, reference counts and the prefix cache. Pure Python, no torch.
 
 A sequence's block table maps its token positions to physical blocks: position p lives in
-block `block_table[p // block_size]` at offset `p % block_size`. With prefix caching, every full block
-whose KV is computed is registered under a hash chained over all tokens up to its end (sha256 of the
-parent's digest and the block's token ids); a later sequence with the same leading tokens takes those
-blocks instead of recomputing them. Unreferenced registered blocks stay cached, evicted least recently
-freed first, only when no free block is left.
+block `block_table[p // block_size]` at offset `p % block_size`. With prefix caching, every block that the
+scheduled step fills is registered, when the step is scheduled, under a hash chained over all tokens up to
+its end (sha256 of the parent's digest and the block's token ids); a sequence with the same leading tokens
+takes those blocks instead of recomputing them, even in the same step (each layer writes the whole step's
+K/V before any row attends). Unreferenced registered blocks stay cached, evicted least recently freed
+first, only when no free block is left.
 """
 
 from __future__ import annotations
@@ -121,14 +122,32 @@ class BlockManager:
         seq.num_registered_blocks = len(seq.block_table)
         return len(seq.block_table) * self.block_size
 
-    def register(self, seq: Sequence) -> None:
-        """Cache `seq`'s blocks whose KV is now fully computed (first writer of a given prefix wins)."""
+    def register(self, seq: Sequence, num_tokens: int | None = None) -> list[int]:
+        """Cache `seq`'s full blocks among its first `num_tokens` positions (default: the computed ones), whose KV
+        is computed or is written by the step being scheduled; -> the newly cached block ids. The first writer
+        of a given prefix wins."""
         if not self.enable_prefix_caching:
-            return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+            return []
+        covered = seq.num_computed_tokens if num_tokens is None else num_tokens
+        full = min(covered // self.block_size, len(seq.block_table))
+        added = []
         for index in range(seq.num_registered_blocks, full):
             digest, block_id = self._hash(seq, index), seq.block_table[index]
             if self.block_hash[block_id] is None and digest not in self.cached:
                 self.cached[digest] = block_id
                 self.block_hash[block_id] = digest
+                added.append(block_id)
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+        return added
+
+    def unregister(self, block_ids: list[int]) -> None:
+        """Forget the cache entries of `block_ids` (a step that failed never wrote their KV)."""
+        for block_id in block_ids:
+            digest = self.block_hash[block_id]
+            if digest is None:
+                continue
+            del self.cached[digest]
+            self.block_hash[block_id] = None
+            if block_id in self.evictable:
+                del self.evictable[block_id]
+                self.free_block_ids.append(block_id)

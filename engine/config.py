@@ -23,7 +23,7 @@ class EngineConfig:
     max_batch_prefill_tokens: int = 4096  # prompt tokens computed per step (chunked beyond)
     max_batch_total_tokens: int | None = None  # KV-cache capacity in tokens; None: memory budget
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
-    block_size: int | None = None  # tokens per KV block; None: 16 on GPU, 64 on CPU (fewer, larger matmuls)
+    block_size: int | None = None  # tokens per KV block; None: 16 on GPU, 32 on CPU
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared leading tokens
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + KV
     cpu_kv_cache_bytes: int = 2 << 30  # CPU: KV budget when max_batch_total_tokens is None
@@ -35,7 +35,10 @@ class EngineConfig:
     collective_timeout_s: float = 600.0  # a collective waiting longer on a rank fails the engine
     cpu_decode_kernel: bool = True  # CPU: compiled paged decode attention when a C compiler is present
     cpu_fused_ops: bool = True  # CPU: compiled RMSNorm / SiLU * up / rotary / greedy pick (same condition)
-    cpu_gemm: bool = True  # CPU: bf16 matmuls on the compiled kernel (else oneDNN's packed matmul); same condition
+    # CPU: bf16 matmuls on the compiled AVX-512 kernel (else oneDNN's packed matmul); None: the kernel unless the CPU
+    # has AMX tiles, where oneDNN's AMX matmuls are faster
+    cpu_gemm: bool | None = None
+    cpu_decoder_stack: bool = True  # CPU bf16 with the compiled paths: all decoder layers in one compiled call per step
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

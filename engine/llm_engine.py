@@ -187,6 +187,7 @@ class LLMEngine:
         try:
             samples = iter(self.runner.execute(batch, sampling))
         except Exception as e:
+            self.scheduler.abandon(batch)
             if self.tp_group is not None:  # a rank died or hung: the group cannot go on
                 raise self.tp_group.fail(e) from e
             raise

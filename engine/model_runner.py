@@ -16,7 +16,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import cpu_threads, rank_device, resolve_dtype
-from engine.layers import cpu_decode_kernel, cpu_fused_ops
+from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
 from engine.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
@@ -57,7 +57,7 @@ class ModelRunner:
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
         self.send_step: Callable[[StepInput], None] | None = None  # rank 0 of several: hands each step on
-        self.block_size = config.block_size or (16 if self.device.type == "cuda" else 64)
+        self.block_size = config.block_size or (16 if self.device.type == "cuda" else 32)
         self.max_model_len = max_model_len
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -67,7 +67,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(iter_weights(files, hf_config))
-        model.pack_for_cpu(gemm_kernel=config.cpu_gemm)  # bf16: the compiled GEMM kernel's layout, else oneDNN's
+        model.pack_for_cpu(gemm_kernel=cpu_gemm.preferred(config.cpu_gemm))  # bf16: the GEMM kernel or oneDNN
         # CPU: norms, activations, rotary and greedy picks as compiled passes where they build here.
         self.fused_ops = config.cpu_fused_ops and cpu_fused_ops.supports(self.device, self.dtype)
         if self.fused_ops:
@@ -78,6 +78,8 @@ class ModelRunner:
         self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(self.device, self.dtype)
         self.paired = False  # the paired cache layout, whose kernel runs every row (decode and prefill)
         self.num_blocks = self._allocate_kv_cache(hf_config)
+        # CPU bf16 with every compiled path above: the decoder layers run as one compiled call per step.
+        self.decoder_stack = self.paired and self.fused_ops and config.cpu_decoder_stack and model.use_decoder_stack()
 
     def _allocate_kv_cache(self, hf_config) -> int:
         layers = self.model.attention_layers()
@@ -201,5 +203,6 @@ class ModelRunner:
         if not step.sample_rows:
             return []
         rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # all ranks: the LM head gathers
+        # All ranks: the LM head gathers. The fused sampler reads 16-bit logits as they are (no float32 copy).
+        logits = self.model.compute_logits(hidden.index_select(0, rows), keep_dtype=self.sampler.fused)
         return [] if requests is None else self.sampler(logits, requests)

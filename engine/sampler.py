@@ -80,10 +80,11 @@ class Sampler:
         self.fused = fused  # CPU: all-greedy batches take one compiled pass (cpu_fused_ops.greedy)
 
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
-        """logits [N, V] float32, one row per request -> one SampleOutput each."""
+        """logits [N, V] (float32; bfloat16 too when fused), one row per request -> one SampleOutput each."""
         if self.fused and logits.device.type == "cpu" and all(_plain_greedy(r.params) for r in requests):
             ids, chosen = cpu_fused_ops.greedy(logits)
             return [SampleOutput(i, lp) for i, lp in zip(ids, chosen)]
+        logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]: one fused pass
         best_logprobs, chosen = logprobs.max(dim=-1)  # greedy rows need nothing else
         for i, req in enumerate(requests):

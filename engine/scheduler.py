@@ -2,7 +2,8 @@
 
 Each step gets a prefill-token budget (`max_batch_prefill_tokens`); decodes (one token each) are
 bounded only by `max_num_seqs`. Waiting requests are admitted first come first served, starting after
-their prefix-cache hits; when KV blocks run out, the newest running request is preempted (its blocks
+their prefix-cache hits (blocks another request fills in the same step count: the step writes every K/V
+of a layer before any row attends); when KV blocks run out, the newest running request is preempted (its blocks
 freed, recomputed later, mostly from the prefix cache).
 """
 
@@ -33,6 +34,7 @@ class ScheduledBatch:
     decodes: list[ScheduledSeq] = field(default_factory=list)  # one token each, each sampling
     prefills: list[ScheduledSeq] = field(default_factory=list)  # prompt (or recompute) chunks
     preempted: list[Sequence] = field(default_factory=list)
+    registered: list[int] = field(default_factory=list)  # blocks this step fills, cached before it runs
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -148,6 +150,7 @@ class Scheduler:
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         start = seq.num_computed_tokens
         item = ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens)
+        batch.registered += self.block_manager.register(seq, start + n)
         # A decode is one token that samples; a 1-token chunk cut short by the budget is a prefill.
         (batch.decodes if n == 1 and item.sample else batch.prefills).append(item)
 
@@ -163,11 +166,19 @@ class Scheduler:
         """Advance each scheduled sequence; `sampled` is aligned with `batch.scheduled`."""
         for item, token in zip(batch.scheduled, sampled, strict=True):
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.register(item.seq)
             if item.sample:
                 if token is None:
                     raise RuntimeError(f"no token sampled for request {item.seq.request_id}")
                 item.seq.output_token_ids.append(token)
+
+    def abandon(self, batch: ScheduledBatch) -> None:
+        """The step for `batch` failed: uncache the blocks it was to fill and send its sequences back to wait
+        (recomputed from their truly computed cached blocks), so no later request reads KV never written."""
+        self.block_manager.unregister(batch.registered)
+        for item in reversed(batch.scheduled):
+            if item.seq in self.running:
+                self.running.remove(item.seq)
+                self._preempt(item.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

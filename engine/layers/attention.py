@@ -57,6 +57,11 @@ def unpair(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2).flatten(-3, -2)
 
 
+def current_metadata() -> AttentionMetadata | None:
+    """The metadata of the forward pass in progress (None outside attention_metadata())."""
+    return _metadata
+
+
 @contextmanager
 def attention_metadata(meta: AttentionMetadata) -> Iterator[None]:
     """Make `meta` the metadata every Attention layer reads during one forward pass."""

@@ -29,7 +29,7 @@ def _lib() -> ctypes.CDLL | None:
     if lib is not None:
         for op, argtypes in _ARGTYPES.items():
             bind(lib, [f"{op}_{s}" for s in _SUFFIX.values()], argtypes)
-        bind(lib, ["greedy_f32"], [_P, _I64, _I64, _I64, _P, _P, _INT])
+        bind(lib, ["greedy_f32", "greedy_bf16"], [_P, _I64, _I64, _I64, _P, _P, _INT])
     return lib
 
 
@@ -109,7 +109,7 @@ def cache_kv_(
 
 
 def greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """float32 logits [N, V] -> (first argmax of each row, its log-softmax)."""
+    """float32 or bfloat16 logits [N, V] -> (first argmax of each row, its log-softmax, computed in float32)."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the fused CPU ops are not available; check supports() first")
@@ -117,7 +117,7 @@ def greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
     rows, n = logits.shape
     ids = torch.empty(rows, dtype=torch.int64)
     logprobs = torch.empty(rows, dtype=torch.float32)
-    lib.greedy_f32(
+    getattr(lib, f"greedy_{_SUFFIX[logits.dtype]}")(
         logits.data_ptr(), logits.stride(0), rows, n, ids.data_ptr(), logprobs.data_ptr(), torch.get_num_threads()
     )
     return ids.tolist(), logprobs.tolist()

@@ -40,6 +40,17 @@ def supports(w: torch.Tensor) -> bool:
     return plain and _lib() is not None
 
 
+def amx_available() -> bool:
+    """Whether this CPU (and OS) runs AMX tiles: there oneDNN's AMX matmuls outrun this AVX-512 kernel."""
+    probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def preferred(choice: bool | None) -> bool:
+    """Resolve `EngineConfig.cpu_gemm`: None picks the kernel unless AMX is there."""
+    return (not amx_available()) if choice is None else choice
+
+
 @dataclass
 class PackedWeight:
     """A weight [n, k] as panels [ceil(n / 16), ceil(k / 2), 16, 2] (zero-padded)."""

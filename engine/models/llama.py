@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from engine.layers.activation import SiluAndMul
-from engine.layers.attention import Attention
+from engine.layers.attention import Attention, current_metadata
+from engine.layers.cpu_decoder_stack import DecoderStack
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -88,9 +89,13 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_position)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.stack: DecoderStack | None = None  # the layers as one compiled call (bf16 CPU), see use_decoder_stack
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        meta = current_metadata()
+        if self.stack is not None and meta is not None and self.stack.runs(meta):
+            return self.stack(x, positions, meta)
         rope = self.rotary.for_step(positions, x.dtype)
         for layer in self.layers:
             x, residual = layer(rope, x, residual)
@@ -120,9 +125,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 [N, vocab]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
+        """[N, hidden] -> float32 [N, vocab] (in the model's dtype with `keep_dtype`: the sampler converts)."""
+        logits = self.lm_head(hidden)
+        return logits if keep_dtype else logits.float()
 
     def pack_for_cpu(self, gemm_kernel: bool = True) -> None:
         """Repack matmul weights (CPU, 16-bit only; a no-op elsewhere): bf16 for the compiled GEMM kernel when
@@ -131,6 +137,12 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, LinearBase):
                 module.pack_for_cpu(gemm_kernel)
         self.lm_head.pack_for_cpu(keep_plain=self.tie_word_embeddings, gemm_kernel=gemm_kernel)
+
+    def use_decoder_stack(self) -> bool:
+        """Run the layer loop as one compiled call where it can (after use_fused_cpu_ops and the caches are bound);
+        -> whether it will."""
+        self.model.stack = DecoderStack.build(self.model)
+        return self.model.stack is not None
 
     def use_fused_cpu_ops(self) -> None:
         """Run RMSNorm, SiLU * up and rotary as compiled CPU passes (see layers/cpu_fused_ops.py)."""

@@ -100,6 +100,7 @@ class TinySpec:
     seed: int = 0
     initializer_range: float = 0.2
     extra_vocab: int = 0  # rows beyond the tokenizer's (an odd vocabulary for tensor-parallel padding)
+    biases: bool = False  # llama: attention_bias and mlp_bias, every bias drawn at random
     craft: Callable[[PreTrainedModel, PreTrainedTokenizerFast], None] | None = field(default=None, compare=False)
 
 
@@ -121,7 +122,13 @@ def _build_model(spec: TinySpec, vocab_size: int) -> PreTrainedModel:
     )
     torch.manual_seed(spec.seed)
     if spec.arch == "llama":
-        model: PreTrainedModel = LlamaForCausalLM(LlamaConfig(**common))
+        biases = {"attention_bias": spec.biases, "mlp_bias": spec.biases}
+        model: PreTrainedModel = LlamaForCausalLM(LlamaConfig(**common, **biases))
+        if spec.biases:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(".bias"):
+                        param.normal_(0.0, 0.5)
     elif spec.arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
         with torch.no_grad():  # random init leaves the qkv biases at zero: make them count

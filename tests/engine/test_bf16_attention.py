@@ -1,6 +1,7 @@
 """bfloat16 on CPU: the paired-layout kernel (decode rows and prefill chunks in one call per layer) against the
 pure-torch twin on the plain layout, over the same prompts: around block edges, chunked prefill, preemption, prefixes
-served from the prefix cache, and a block size the paired layout cannot take (the plain kernel runs instead).
+served from the prefix cache (also within one step), and a block size the paired layout cannot take (the plain
+kernel runs instead).
 
 Tiny random models are chaotic in bf16 (two float32-exact paths differ in rounding only, yet greedy runs part ways
 after a near-tie), so the model here is drawn with small weights, and the checks allow some prompts to part ways.
@@ -33,7 +34,9 @@ def _generate(llm: LLM) -> list[RequestOutput]:
     first = llm.generate(prompts, greedy(16))
     one = llm.generate([shared + prompts[0][:9]], greedy(16))
     cached = llm.generate([shared + p[:9] for p in prompts[1:4]], greedy(16))  # the shared prefix is in the cache
-    return first + one + cached
+    fresh = random_prompt(80, seed=398)  # shared by requests admitted in one step: the first fills it for all
+    together = llm.generate([fresh + p[:7] for p in prompts[4:8]], greedy(16))
+    return first + one + cached + together
 
 
 def _agree(got: list[RequestOutput], want: list[RequestOutput]) -> None:
@@ -72,10 +75,10 @@ def test_odd_block_size_keeps_the_plain_layout(soft_engines: Engines) -> None:
 def test_every_compiled_path_agrees_with_the_torch_paths(soft_engines: Engines) -> None:
     """bf16 with the GEMM kernel, fused ops and paired attention (the CPU default) against oneDNN matmuls, torch
     element-wise ops and the attention twin, all at once."""
-    compiled = soft_engines(MODEL, dtype="bfloat16")
+    compiled = soft_engines(MODEL, dtype="bfloat16", cpu_gemm=True)  # the default, except on AMX CPUs
     torch_only = soft_engines(MODEL, dtype="bfloat16", cpu_decode_kernel=False, cpu_fused_ops=False, cpu_gemm=False)
     runner = compiled.engine.runner
-    assert runner.fused_ops and runner.paired and not torch_only.engine.runner.fused_ops
+    assert runner.fused_ops and runner.paired and runner.decoder_stack and not torch_only.engine.runner.fused_ops
     assert isinstance(runner.model.model.layers[0].mlp.down_proj.packed, cpu_gemm.PackedWeight)
     assert not isinstance(torch_only.engine.runner.model.model.layers[0].mlp.down_proj.packed, cpu_gemm.PackedWeight)
     _agree(_generate(compiled), _generate(torch_only))

@@ -1,6 +1,6 @@
-"""Prefix caching end to end: requests that share leading tokens with earlier ones start from the cached KV
-blocks, and their tokens and logprobs still equal transformers' (float32), also when a small pool forces
-preemption and eviction of cached blocks.
+"""Prefix caching end to end: requests that share leading tokens with earlier ones, or with others admitted in the
+same step, start from the cached KV blocks, and their tokens and logprobs still equal transformers' (float32), also
+when a small pool forces preemption and eviction of cached blocks, and after a step that failed.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ def test_later_requests_reuse_the_shared_prefix(name: str, tiny_models: TinyMode
     llm = LLM(str(tiny_models(name)), dtype="float32", block_size=BLOCK, max_batch_total_tokens=2048)
     bm = llm.engine.block_manager
     _check(llm, oracle, name, WAVE1)
-    assert bm.hit_tokens == 0  # one step prefills the whole first wave: nothing is cached yet
+    # One step prefills the whole first wave: the first prompt fills the prefix's 4 full blocks, and the other
+    # two, admitted in the same step, read them instead of computing them.
+    assert bm.hit_tokens == 2 * 4 * BLOCK
     _check(llm, oracle, name, WAVE2)
     # Each second-wave prompt shares the prefix's 4 full blocks (the repeated prompt: also at most 4, since
     # (40 - 1) // 8 = 4 leaves its last token to compute).
-    assert bm.hit_tokens == 4 * 4 * BLOCK
+    assert bm.hit_tokens == (2 + 4) * 4 * BLOCK
     assert bm.num_free_blocks == bm.num_blocks
 
 
@@ -49,3 +51,26 @@ def test_prefix_caching_can_be_turned_off(tiny_models: TinyModels, oracle: Oracl
     _check(llm, oracle, "qwen2", WAVE1)
     _check(llm, oracle, "qwen2", WAVE2)
     assert llm.engine.block_manager.hit_tokens == 0 and not llm.engine.block_manager.cached
+
+
+def test_a_failed_step_leaves_no_unwritten_block_cached(tiny_models: TinyModels, oracle: Oracle) -> None:
+    """The model fails on the step that was to fill the shared blocks: they are uncached, the requests wait again,
+    and the next steps recompute them exactly."""
+    llm = LLM(str(tiny_models("llama_gqa")), dtype="float32", block_size=BLOCK, max_batch_total_tokens=2048)
+    eng, runner = llm.engine, llm.engine.runner
+    execute = runner.execute
+
+    def fail_once(*args, **kwargs):
+        runner.execute = execute
+        raise RuntimeError("injected")
+
+    runner.execute = fail_once
+    ids = [eng.add_request(p, greedy(8)) for p in WAVE1]
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.step()
+    assert eng.scheduler.num_waiting == len(WAVE1) and not eng.block_manager.cached
+    finals = {}
+    while eng.has_unfinished_requests():
+        finals.update({o.request_id: o.token_ids for o in eng.step() if o.finished})
+    for rid, prompt in zip(ids, WAVE1):
+        assert finals[rid] == oracle.greedy("llama_gqa", prompt, 8)

@@ -69,15 +69,17 @@ def test_rotary_in_place(dtype: torch.dtype, head_dim: int) -> None:
     assert torch.equal(qkv[:, heads * head_dim :], v_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [49152, 401, 5])
-def test_greedy_pick_and_logprob(vocab: int) -> None:
+def test_greedy_pick_and_logprob(vocab: int, dtype: torch.dtype) -> None:
     logits = _randn(32, vocab, dtype=torch.float32, seed=7) * 8
     logits[1, :] = 3.0  # all tied: the first index wins, as torch's max
     logits[2, vocab // 2] = logits[2, -1] = 1e4  # a tie far apart
     logits[3, :] = float("-inf")
     logits[3, vocab - 1] = 0.0  # one finite entry
+    logits = logits.to(dtype)  # bf16: many more ties, read exactly as float32
     ids, logprobs = cpu_fused_ops.greedy(logits)
-    want_lp, want_ids = torch.log_softmax(logits, dim=-1).max(dim=-1)
+    want_lp, want_ids = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)
     assert ids == want_ids.tolist()
     torch.testing.assert_close(torch.tensor(logprobs), want_lp, atol=1e-5, rtol=1e-5)
 

@@ -86,6 +86,15 @@ def test_pack_weight_picks_the_kernel_or_onednn() -> None:
             _check(cpu_packing.packed_linear(x, packed, b), x, w, b)
 
 
+def test_the_default_gives_way_to_onednn_on_amx_cpus(monkeypatch) -> None:
+    assert cpu_gemm.preferred(True) and not cpu_gemm.preferred(False)
+    assert cpu_gemm.preferred(None) == (not cpu_gemm.amx_available())
+    monkeypatch.setattr(cpu_gemm, "amx_available", lambda: True)
+    assert not cpu_gemm.preferred(None) and cpu_gemm.preferred(True)
+    monkeypatch.setattr(cpu_gemm, "amx_available", lambda: False)
+    assert cpu_gemm.preferred(None)
+
+
 def test_portable_build_matches_the_native_one(tmp_path) -> None:
     """csrc/gemm_bf16.c without avx512_bf16 (GCC vector extensions only) computes the same thing."""
     compiler = shutil.which("cc") or shutil.which("gcc")

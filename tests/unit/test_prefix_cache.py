@@ -1,6 +1,7 @@
-"""The prefix cache (engine.block_manager, engine.scheduler) without torch: blocks registered once their KV is
-computed, matched by chained hashes of the leading tokens, shared with reference counts, evicted least recently
-freed first, and the scheduler starting a request after its hits (always leaving one token to compute).
+"""The prefix cache (engine.block_manager, engine.scheduler) without torch: blocks registered when the step that
+fills them is scheduled (so requests admitted together share them), matched by chained hashes of the leading tokens,
+shared with reference counts, evicted least recently freed first, and the scheduler starting a request after its hits
+(always leaving one token to compute); a failed step uncaches what it was to fill.
 """
 
 from __future__ import annotations
@@ -143,6 +144,57 @@ def test_scheduler_starts_a_request_after_its_hits() -> None:
     batch = sched.schedule()
     assert [(it.seq.request_id, it.start, it.num_new_tokens) for it in batch.prefills] == [("b", 12, 2)]
     assert second.num_cached_tokens == 12 and sched.block_manager.hit_tokens == 12
+
+
+def test_requests_admitted_in_one_step_share_the_blocks_it_fills() -> None:
+    """The first request's prefill fills the shared blocks; the others in the same step start after them."""
+    sched = Scheduler(BlockManager(32, BS, enable_prefix_caching=True), 8, 64, watermark=0.0)
+    shared = list(range(9))  # two full blocks, then one token of a third
+    seqs = [seq_of(f"r{i}", shared + [100 + i, 200 + i]) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert [(it.start, it.num_new_tokens) for it in batch.prefills] == [(0, 11), (8, 3), (8, 3)]
+    assert seqs[1].block_table[:2] == seqs[2].block_table[:2] == seqs[0].block_table[:2]
+    assert sched.block_manager.hit_tokens == 16 and batch.registered == seqs[0].block_table[:2]
+    check_invariants(sched.block_manager, seqs)
+    _run(sched, seqs)
+    assert all(s.output_token_ids == expected_output(s) for s in seqs)
+
+
+def test_a_chunk_registers_only_the_blocks_it_completes() -> None:
+    sched = Scheduler(BlockManager(32, BS, enable_prefix_caching=True), 8, 6, watermark=0.0)
+    a, b = seq_of("a", list(range(10))), seq_of("b", list(range(10)))
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()  # budget 6: a's first chunk fills block 0 only; b gets nothing this step
+    assert [(it.seq.request_id, it.start, it.num_new_tokens) for it in batch.prefills] == [("a", 0, 6)]
+    assert batch.registered == a.block_table[:1] and a.num_registered_blocks == 1
+    sched.update(batch, [None])
+    batch = sched.schedule()  # a's second chunk completes block 1; b then starts after both of a's blocks
+    assert [(it.seq.request_id, it.start) for it in batch.prefills] == [("a", 6), ("b", 8)]
+    assert b.block_table[:2] == a.block_table[:2]
+
+
+def test_a_failed_step_uncaches_what_it_was_to_fill() -> None:
+    bm = BlockManager(32, BS, enable_prefix_caching=True)
+    sched = Scheduler(bm, 8, 64, watermark=0.0)
+    old = seq_of("old", list(range(5)))
+    sched.add(old)
+    _run(sched, [old])  # block 0 of range(5) is computed and cached
+    seqs = [seq_of(f"r{i}", list(range(9)) + [50 + i]) for i in range(2)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert [it.start for it in batch.prefills] == [4, 8] and len(batch.registered) == 1
+    sched.abandon(batch)  # the model never ran: block 1 holds no KV
+    assert list(sched.waiting) == seqs and not sched.running
+    assert all(not s.block_table and s.num_computed_tokens == 0 for s in seqs)
+    check_invariants(bm, seqs)
+    retry = sched.schedule()
+    assert [it.start for it in retry.prefills] == [4, 8]  # block 0 (truly computed) still serves
+    _run(sched, seqs)
+    assert all(s.output_token_ids == expected_output(s) for s in seqs)
 
 
 def test_random_workload_with_shared_prefixes_preemption_and_eviction() -> None:

@@ -145,40 +145,60 @@ DEFINE_OPS(f32, float, f32_to_f32, f32_to_f32, f32_round)
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 
-/* Greedy pick per row of float32 logits [rows, n] (row stride `stride`): the first index of the maximum, and
- * its log-softmax (max - logsumexp), in two vectorised passes per row instead of log_softmax + max over the
- * whole matrix. Each of 16 lanes keeps its own first maximum; the lowest index among the lanes' maxima wins. */
-void greedy_f32(const float *logits, int64_t stride, int64_t rows, int64_t n, int64_t *ids, float *logprobs,
-                int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = logits + r * stride;
-        float m = -INFINITY;
-        int64_t best = 0, i0 = 0;
-        if (n >= 16) {
-            vfloat vbest;
-            vint vidx = {0}, lane;
-            __builtin_memcpy(&vbest, row, sizeof(vbest));
-            for (int j = 0; j < 16; j++) lane[j] = j, vidx[j] = j;
-            for (i0 = 16; i0 + 16 <= n; i0 += 16) {
-                vfloat v;
-                __builtin_memcpy(&v, row + i0, sizeof(v));
-                const vint better = v > vbest; /* all ones where strictly greater: keeps each lane's first max */
-                vidx = (vidx & ~better) | ((lane + (int32_t)i0) & better);
-                vint vb, vv;
-                __builtin_memcpy(&vb, &vbest, sizeof(vb));
-                __builtin_memcpy(&vv, &v, sizeof(vv));
-                vb = (vb & ~better) | (vv & better);
-                __builtin_memcpy(&vbest, &vb, sizeof(vb));
-            }
-            for (int j = 0; j < 16; j++)
-                if (vbest[j] > m || (vbest[j] == m && vidx[j] < best)) m = vbest[j], best = vidx[j];
-        }
-        for (int64_t i = i0; i < n; i++)
-            if (row[i] > m) m = row[i], best = i;
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; i++) sum += fast_expf(row[i] - m);
-        ids[r] = best;
-        logprobs[r] = -logf(sum);
-    }
+typedef uint16_t vhalf __attribute__((vector_size(32)));
+
+static inline vfloat load16_f32(const float *p) {
+    vfloat v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
 }
+
+static inline vfloat load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, exactly */
+    vhalf h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const vint bits = __builtin_convertvector(h, vint) << 16;
+    vfloat v;
+    __builtin_memcpy(&v, &bits, sizeof(v));
+    return v;
+}
+
+/* Greedy pick per row of logits [rows, n] (row stride `stride`; float32 or bf16, read as float32): the first index
+ * of the maximum, and its log-softmax (max - logsumexp), in two vectorised passes per row instead of log_softmax +
+ * max over the whole matrix. Each of 16 lanes keeps its own first maximum; the lowest index among the lanes' maxima
+ * wins. */
+#define DEFINE_GREEDY(SUFFIX, T, LOAD)                                                                            \
+void greedy_##SUFFIX(const T *logits, int64_t stride, int64_t rows, int64_t n, int64_t *ids, float *logprobs,   \
+                     int num_threads) {                                                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS)")   \
+    for (int64_t r = 0; r < rows; r++) {                                                                        \
+        const T *row = logits + r * stride;                                                                     \
+        float m = -INFINITY;                                                                                    \
+        int64_t best = 0, i0 = 0;                                                                               \
+        if (n >= 16) {                                                                                          \
+            vfloat vbest = load16_##SUFFIX(row);                                                                \
+            vint vidx = {0}, lane;                                                                              \
+            for (int j = 0; j < 16; j++) lane[j] = j, vidx[j] = j;                                              \
+            for (i0 = 16; i0 + 16 <= n; i0 += 16) {                                                             \
+                const vfloat v = load16_##SUFFIX(row + i0);                                                     \
+                const vint better = v > vbest; /* all ones where strictly greater: each lane's first max */     \
+                vidx = (vidx & ~better) | ((lane + (int32_t)i0) & better);                                      \
+                vint vb, vv;                                                                                    \
+                __builtin_memcpy(&vb, &vbest, sizeof(vb));                                                      \
+                __builtin_memcpy(&vv, &v, sizeof(vv));                                                          \
+                vb = (vb & ~better) | (vv & better);                                                            \
+                __builtin_memcpy(&vbest, &vb, sizeof(vb));                                                      \
+            }                                                                                                   \
+            for (int j = 0; j < 16; j++)                                                                        \
+                if (vbest[j] > m || (vbest[j] == m && vidx[j] < best)) m = vbest[j], best = vidx[j];            \
+        }                                                                                                       \
+        for (int64_t i = i0; i < n; i++)                                                                        \
+            if (LOAD(row[i]) > m) m = LOAD(row[i]), best = i;                                                   \
+        float sum = 0.f;                                                                                        \
+        for (int64_t i = 0; i < n; i++) sum += fast_expf(LOAD(row[i]) - m);                                     \
+        ids[r] = best;                                                                                          \
+        logprobs[r] = -logf(sum);                                                                               \
+    }                                                                                                           \
+}
+
+DEFINE_GREEDY(f32, float, f32_to_f32)
+DEFINE_GREEDY(bf16, uint16_t, bf16_to_f32)

@@ -186,9 +186,11 @@ class LLMEngine:
         ]
         try:
             samples = iter(self.runner.execute(batch, sampling))
-        except Exception as e:
+        except BaseException as e:
+            # The step's blocks were cached when it was scheduled: an error or an interrupt (Ctrl-C) midway leaves
+            # their K/V unwritten, so they must not stay cached.
             self.scheduler.abandon(batch)
-            if self.tp_group is not None:  # a rank died or hung: the group cannot go on
+            if self.tp_group is not None and isinstance(e, Exception):  # a rank died or hung: the group cannot go on
                 raise self.tp_group.fail(e) from e
             raise
         sampled = [next(samples) if item.sample else None for item in batch.scheduled]

@@ -121,6 +121,8 @@ class DecoderStack:
         """x [T, hidden] bf16 embeddings (used as the residual stream) -> the final norm's output [T, hidden]."""
         rows = meta.kernel_rows
         t = x.shape[0]
+        if x.dtype != torch.bfloat16 or positions.dtype != torch.int64 or meta.fused_slots.dtype != torch.int64:
+            raise ValueError("the decoder stack takes bf16 embeddings and int64 positions and slots")
         x = x.contiguous()
         positions = positions.contiguous()
         step = _Step(

@@ -53,20 +53,23 @@ def test_prefix_caching_can_be_turned_off(tiny_models: TinyModels, oracle: Oracl
     assert llm.engine.block_manager.hit_tokens == 0 and not llm.engine.block_manager.cached
 
 
-def test_a_failed_step_leaves_no_unwritten_block_cached(tiny_models: TinyModels, oracle: Oracle) -> None:
-    """The model fails on the step that was to fill the shared blocks: they are uncached, the requests wait again,
-    and the next steps recompute them exactly."""
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_step_leaves_no_unwritten_block_cached(
+    error: type[BaseException], tiny_models: TinyModels, oracle: Oracle
+) -> None:
+    """The model fails (or is interrupted) on the step that was to fill the shared blocks: they are uncached, the
+    requests wait again, and the next steps recompute them exactly."""
     llm = LLM(str(tiny_models("llama_gqa")), dtype="float32", block_size=BLOCK, max_batch_total_tokens=2048)
     eng, runner = llm.engine, llm.engine.runner
     execute = runner.execute
 
     def fail_once(*args, **kwargs):
         runner.execute = execute
-        raise RuntimeError("injected")
+        raise error("injected")
 
     runner.execute = fail_once
     ids = [eng.add_request(p, greedy(8)) for p in WAVE1]
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(error, match="injected"):
         eng.step()
     assert eng.scheduler.num_waiting == len(WAVE1) and not eng.block_manager.cached
     finals = {}

@@ -145,20 +145,17 @@ DEFINE_OPS(f32, float, f32_to_f32, f32_to_f32, f32_round)
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 
-typedef uint16_t vhalf __attribute__((vector_size(32)));
-
 static inline vfloat load16_f32(const float *p) {
     vfloat v;
     __builtin_memcpy(&v, p, sizeof(v));
     return v;
 }
 
-static inline vfloat load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, exactly */
-    vhalf h;
-    __builtin_memcpy(&h, p, sizeof(h));
-    const vint bits = __builtin_convertvector(h, vint) << 16;
+static inline vfloat load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, exactly (the loop vectorises) */
+    uint32_t bits[16];
+    for (int j = 0; j < 16; j++) bits[j] = (uint32_t)p[j] << 16;
     vfloat v;
-    __builtin_memcpy(&v, &bits, sizeof(v));
+    __builtin_memcpy(&v, bits, sizeof(v));
     return v;
 }
 

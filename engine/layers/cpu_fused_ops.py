@@ -26,10 +26,14 @@ _ARGTYPES = {
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     lib = load_library("fused_ops")
-    if lib is not None:
-        for op, argtypes in _ARGTYPES.items():
-            bind(lib, [f"{op}_{s}" for s in _SUFFIX.values()], argtypes)
-        bind(lib, ["greedy_f32", "greedy_bf16"], [_P, _I64, _I64, _I64, _P, _P, _INT])
+    return None if lib is None else bind_ops(lib)
+
+
+def bind_ops(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument types of a build of csrc/fused_ops.c (tests: the portable build)."""
+    for op, argtypes in _ARGTYPES.items():
+        bind(lib, [f"{op}_{s}" for s in _SUFFIX.values()], argtypes)
+    bind(lib, ["greedy_f32", "greedy_bf16"], [_P, _I64, _I64, _I64, _P, _P, _INT])
     return lib
 
 

@@ -56,3 +56,8 @@ def test_the_stack_steps_aside_without_the_compiled_paths(stack_engines: Engines
     assert not stack_engines("stack_llama", dtype="bfloat16", cpu_gemm=False).engine.runner.decoder_stack
     odd = stack_engines("stack_llama", dtype="bfloat16", block_size=1, max_batch_total_tokens=512)
     assert not odd.engine.runner.paired and not odd.engine.runner.decoder_stack
+
+
+def test_the_stack_builds_without_avx512(portable_build) -> None:
+    """csrc/decoder_stack.c has no vector code of its own: it builds (-Werror) wherever its kernels do."""
+    assert portable_build("decoder_stack").decoder_stack

@@ -6,17 +6,11 @@ any order, strided queries.
 
 from __future__ import annotations
 
-import ctypes
-import platform
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 from engine.layers import cpu_decode_kernel
 from engine.layers.attention import Attention, AttentionMetadata, pair, unpair
-from engine.layers.cpu_build import CSRC
 
 
 def _case(dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, lens: list[int], seed: int = 0, hd: int = 16):
@@ -179,17 +173,9 @@ def test_paired_kernel_runs_decode_and_prefill_rows_together(block_size: int) ->
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-def test_portable_build_matches_the_native_one(tmp_path) -> None:
+def test_portable_build_matches_the_native_one(portable_build) -> None:
     """csrc/paired_attention.c without avx512_bf16 (GCC vector extensions only) computes the same thing."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    arch = ["-march=x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else []
-    lib_path = tmp_path / "paired_portable.so"
-    source = CSRC / "paired_attention.c"
-    flags = ["-O3", *arch, "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Werror"]
-    subprocess.run([compiler, *flags, "-o", str(lib_path), str(source), "-lm"], check=True, capture_output=True)
-    portable = cpu_decode_kernel.bind_paired(ctypes.CDLL(str(lib_path)))
+    portable = cpu_decode_kernel.bind_paired(portable_build("paired_attention"))
     q, kc, vc, bt, ctx = _paired_case(9, 3, 16, [1, 16, 33, 100, 7], hd=80)
     rows = _decode_rows(bt, ctx)
     got = cpu_decode_kernel.paired_attention(q, kc, vc, rows, 80**-0.5, lib=portable)

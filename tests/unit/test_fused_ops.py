@@ -114,3 +114,26 @@ def test_cache_write(dtype: torch.dtype, paired: bool) -> None:
                 got_k, got_v = kc[b, h, :, t], vc[b, h, t]
             assert torch.equal(got_k, k[r, h]) and torch.equal(got_v, v[r, h])
     assert int((kc != 0).sum()) == int((k != 0).sum()) and int((vc != 0).sum()) == int((v != 0).sum())
+
+
+def test_portable_build_matches_the_native_one(portable_build, monkeypatch) -> None:
+    """csrc/fused_ops.c for a baseline x86-64 (the greedy pick's vector extensions without AVX-512) computes the
+    same picks, logprobs, norms and activations."""
+    portable = cpu_fused_ops.bind_ops(portable_build("fused_ops"))
+    logits = _randn(5, 49152, dtype=torch.float32, seed=11) * 8
+    x = _randn(7, 2 * 576, dtype=torch.bfloat16, seed=12)
+    weight = _randn(576, dtype=torch.bfloat16, seed=13)
+
+    def run() -> list:
+        picks = [cpu_fused_ops.greedy(logits.to(dtype)) for dtype in DTYPES]
+        norm = cpu_fused_ops.add_rms_norm(x[:, :576], weight, 1e-5, x[:, 576:].contiguous())
+        return [picks, norm, cpu_fused_ops.silu_and_mul(x)]
+
+    native = run()
+    monkeypatch.setattr(cpu_fused_ops, "_lib", lambda: portable)
+    got = run()
+    for (ids, lps), (want_ids, want_lps) in zip(got[0], native[0]):
+        assert ids == want_ids
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), atol=1e-5, rtol=1e-5)
+    for a, b in zip([*got[1], got[2]], [*native[1], native[2]]):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=2**-7)

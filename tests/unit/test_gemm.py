@@ -5,17 +5,11 @@ one, and the packing round trip; `pack_weight` picks it for bf16 weights (oneDNN
 
 from __future__ import annotations
 
-import ctypes
-import platform
-import shutil
-import subprocess
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.layers import cpu_gemm, cpu_packing
-from engine.layers.cpu_build import CSRC
 
 
 def _case(m: int, n: int, k: int, seed: int = 0):
@@ -95,18 +89,9 @@ def test_the_default_gives_way_to_onednn_on_amx_cpus(monkeypatch) -> None:
     assert cpu_gemm.preferred(None)
 
 
-def test_portable_build_matches_the_native_one(tmp_path) -> None:
+def test_portable_build_matches_the_native_one(portable_build) -> None:
     """csrc/gemm_bf16.c without avx512_bf16 (GCC vector extensions only) computes the same thing."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    arch = ["-march=x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else []
-    lib_path = tmp_path / "gemm_portable.so"
-    flags = ["-O3", *arch, "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Werror"]
-    subprocess.run(
-        [compiler, *flags, "-o", str(lib_path), str(CSRC / "gemm_bf16.c"), "-lm"], check=True, capture_output=True
-    )
-    portable = cpu_gemm.bind_gemm(ctypes.CDLL(str(lib_path)))
+    portable = cpu_gemm.bind_gemm(portable_build("gemm_bf16"))
     for m, n, k in [(1, 49, 40), (17, 100, 41), (300, 64, 96)]:
         x, w, b = _case(m, n, k, seed=m)
         p = cpu_gemm.pack(w)

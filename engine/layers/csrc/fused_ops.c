@@ -142,6 +142,9 @@ DEFINE_CACHE_WRITE(f32, float)
 DEFINE_OPS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16_round)
 DEFINE_OPS(f32, float, f32_to_f32, f32_to_f32, f32_round)
 
+#ifndef __AVX512F__
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors in narrower registers: static inline, no ABI crossed */
+#endif
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 

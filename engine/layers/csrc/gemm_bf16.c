@@ -9,11 +9,8 @@
  * stream from DRAM overlaps the arithmetic instead of adding to it. Without avx512_bf16 the same arithmetic runs
  * on GCC vector extensions (any x86-64 or ARM gcc). Built at run time by engine/layers/cpu_build.py.
  */
-#include <stdint.h>
-#include <string.h>
+#include "bf16_pairs.h" /* LANES: the columns of a panel */
 
-typedef uint16_t bf16;
-#define LANES 16     /* fp32 lanes (bf16 pairs) per vector: the columns of a panel */
 #define MR 8         /* rows per register block */
 #define NR 3         /* panels per register block */
 #ifndef X_CHUNK_BYTES /* rows of x per chunk: about this many bytes (kept in the L2 with the block; 96-384 KB alike) */
@@ -24,17 +21,8 @@ typedef uint16_t bf16;
 #define PF_HINT 3 /* temporal locality of the prefetches (3: all cache levels; 0-2 measured no better) */
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-#define INLINE static inline __attribute__((always_inline))
-
 #ifdef __AVX512BF16__
-#include <immintrin.h>
-typedef __m512i vp; /* 16 lanes of bf16 pairs */
-#define MASK(lanes) ((__mmask16)((1u << (lanes)) - 1u))
 INLINE vp pairs_load(const bf16 *p) { return _mm512_loadu_si512(p); }
-INLINE vf dot2(vf acc, vp a, vp b) { return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
 INLINE vf bf16_load16(const bf16 *p, int lanes) { /* up to 16 bf16 -> fp32 */
     const __m256i h = _mm256_maskz_loadu_epi16(MASK(lanes), p);
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
@@ -43,15 +31,10 @@ INLINE void bf16_store16(bf16 *p, vf x, int lanes) { /* round to nearest even */
     _mm256_mask_storeu_epi16(p, MASK(lanes), (__m256i)_mm512_cvtneps_pbh((__m512)x));
 }
 #else
-#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors in registers of any width: inlined, no ABI crossed */
-typedef vu vp;
 INLINE vp pairs_load(const bf16 *p) {
     vp v;
     memcpy(&v, p, sizeof(v));
     return v;
-}
-INLINE vf dot2(vf acc, vp a, vp b) { /* low halves hold one element of each pair, high halves the other */
-    return acc + (vf)(a << 16) * (vf)(b << 16) + (vf)(a & 0xFFFF0000u) * (vf)(b & 0xFFFF0000u);
 }
 INLINE vf bf16_load16(const bf16 *p, int lanes) {
     vh h = {0};
@@ -65,8 +48,6 @@ INLINE void bf16_store16(bf16 *p, vf x, int lanes) { /* round to nearest even, a
     memcpy(p, &h, (size_t)lanes * 2);
 }
 #endif
-
-INLINE vp pair_bcast(uint32_t u) { return (vp)((vu){0} + u); } /* a bf16 pair (low: even k) in every lane */
 
 /* y[a, 16 j + l] for mr rows of x (row stride xs) and nr panels (panel stride `panel` elements, the last with
  * `lanes` columns): K/2 pair steps (and the odd K's last element). pf..pf_end: the next block's bytes, q lines
@@ -86,7 +67,7 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, int mr, const bf16 *w, int64_
         for (int a = 0; a < mr; a++) {
             uint32_t u;
             memcpy(&u, x + a * xs + 2 * i, 4);
-            const vp xa = pair_bcast(u);
+            const vp xa = pair_splat(u);
             for (int j = 0; j < nr; j++) acc[a][j] = dot2(acc[a][j], wt[j], xa);
         }
     }
@@ -94,7 +75,7 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, int mr, const bf16 *w, int64_
         vp wt[NR];
         for (int j = 0; j < nr; j++) wt[j] = pairs_load(w + j * panel + 32 * pairs);
         for (int a = 0; a < mr; a++) {
-            const vp xa = pair_bcast(x[a * xs + K - 1]);
+            const vp xa = pair_splat(x[a * xs + K - 1]);
             for (int j = 0; j < nr; j++) acc[a][j] = dot2(acc[a][j], wt[j], xa);
         }
     }

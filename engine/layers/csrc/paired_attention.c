@@ -8,42 +8,25 @@
  * next. Scores, softmax and sums are fp32; probabilities go to bf16 for p.V. Without avx512_bf16 the same arithmetic
  * runs on GCC vector extensions (any x86-64 or ARM gcc). Built at run time by engine/layers/cpu_decode_kernel.py.
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-#define LANES 16 /* fp32 lanes (bf16 pairs) per vector */
+#include "bf16_pairs.h"
+
 #define QB 4     /* query vectors per register block */
 #define TB 4     /* vectors (16 tokens or 16 head dims each) per register block */
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-#define INLINE static inline __attribute__((always_inline))
-
 #ifdef __AVX512BF16__
-#include <immintrin.h>
-typedef __m512i vp; /* 16 lanes of bf16 pairs */
-#define MASK(lanes) ((__mmask16)((1u << (lanes)) - 1u))
 INLINE vp pairs_load(const bf16 *p, int lanes) { return _mm512_maskz_loadu_epi32(MASK(lanes), p); }
 INLINE vp pairs_and(vp a, vp m) { return _mm512_and_si512(a, m); }
-INLINE vf dot2(vf acc, vp a, vp b) { return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
 INLINE vf vf_load(const float *p, int lanes) { return (vf)_mm512_maskz_loadu_ps(MASK(lanes), p); }
 INLINE void vf_store(float *p, vf x, int lanes) { _mm512_mask_storeu_ps(p, MASK(lanes), (__m512)x); }
 #else
-#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors in registers of any width: inlined, no ABI crossed */
-typedef vu vp;
 INLINE vp pairs_load(const bf16 *p, int lanes) {
     vp v = {0};
     memcpy(&v, p, (size_t)lanes * 4);
     return v;
 }
 INLINE vp pairs_and(vp a, vp m) { return a & m; }
-INLINE vf dot2(vf acc, vp a, vp b) { /* low halves hold one element of each pair, high halves the other */
-    return acc + (vf)(a << 16) * (vf)(b << 16) + (vf)(a & 0xFFFF0000u) * (vf)(b & 0xFFFF0000u);
-}
 INLINE vf vf_load(const float *p, int lanes) {
     vf v = {0};
     memcpy(&v, p, (size_t)lanes * 4);
@@ -51,12 +34,6 @@ INLINE vf vf_load(const float *p, int lanes) {
 }
 INLINE void vf_store(float *p, vf x, int lanes) { memcpy(p, &x, (size_t)lanes * 4); }
 #endif
-
-INLINE vp pair_bcast(const bf16 *p) { /* the bf16 pair p[0], p[1] in every lane */
-    uint32_t u;
-    memcpy(&u, p, 4);
-    return (vp)((vu){0} + u);
-}
 
 INLINE vf vf_set(float x) { return (vf){0} + x; }
 INLINE vf vf_select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }

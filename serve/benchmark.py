@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from container.launcher import free_port
+from container.ports import free_port
 from container.variables import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from container.launcher import free_port
+from container.ports import free_port
 from container.settings import SettingsError, TokenLimits, load_settings, markdown_table
 from container.variables import VARIABLES
 from tests.serve._process import base_env, run_serve, write_chain_model

@@ -35,6 +35,7 @@ class ScheduledBatch:
     prefills: list[ScheduledSeq] = field(default_factory=list)  # prompt (or recompute) chunks
     preempted: list[Sequence] = field(default_factory=list)
     registered: list[int] = field(default_factory=list)  # blocks this step fills, cached before it runs
+    hit_tokens: int = 0  # prefix-cache hits of the requests admitted this step
 
     @property
     def scheduled(self) -> list[ScheduledSeq]:
@@ -138,6 +139,7 @@ class Scheduler:
             bm.allocate(seq, seq.num_computed_tokens + n)
             seq.num_cached_tokens = hits
             bm.hit_tokens += hits
+            batch.hit_tokens += hits
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -154,12 +156,13 @@ class Scheduler:
         # A decode is one token that samples; a 1-token chunk cut short by the budget is a prefill.
         (batch.decodes if n == 1 and item.sample else batch.prefills).append(item)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, counted: bool = True) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
+        if counted:  # not for a failed step's sequences: they lost no KV to pressure
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
@@ -175,10 +178,11 @@ class Scheduler:
         """The step for `batch` failed: uncache the blocks it was to fill and send its sequences back to wait
         (recomputed from their truly computed cached blocks), so no later request reads KV never written."""
         self.block_manager.unregister(batch.registered)
+        self.block_manager.hit_tokens -= batch.hit_tokens  # counted again when they are admitted again
         for item in reversed(batch.scheduled):
             if item.seq in self.running:
                 self.running.remove(item.seq)
-                self._preempt(item.seq)
+                self._preempt(item.seq, counted=False)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

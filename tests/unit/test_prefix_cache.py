@@ -187,8 +187,10 @@ def test_a_failed_step_uncaches_what_it_was_to_fill() -> None:
         sched.add(s)
     batch = sched.schedule()
     assert [it.start for it in batch.prefills] == [4, 8] and len(batch.registered) == 1
+    hits = bm.hit_tokens
     sched.abandon(batch)  # the model never ran: block 1 holds no KV
     assert list(sched.waiting) == seqs and not sched.running
+    assert bm.hit_tokens == hits - 4 - 8 and sched.num_preemptions == 0  # a failure, not a preemption
     assert all(not s.block_table and s.num_computed_tokens == 0 for s in seqs)
     check_invariants(bm, seqs)
     retry = sched.schedule()

@@ -23,13 +23,11 @@ LANES = 16  # output columns per packed panel
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     lib = load_library("gemm_bf16")
-    if lib is not None:
-        bind(lib, ["gemm_bf16"], _ARGTYPES)
-    return lib
+    return None if lib is None else bind_gemm(lib)
 
 
 def bind_gemm(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Declare the argument types of another build of csrc/gemm_bf16.c (tests: the portable build)."""
+    """Declare the argument types of a build of csrc/gemm_bf16.c (tests: the portable build)."""
     bind(lib, ["gemm_bf16"], _ARGTYPES)
     return lib
 

@@ -1,7 +1,8 @@
-/* What the bf16 kernels (gemm_bf16.c, paired_attention.c) share: 16-lane vector types, and a vector of 16 bf16 pairs
- * (vp) with dot2, the pairwise multiply-add vdpbf16ps does (acc += a.lo * b.lo + a.hi * b.hi per fp32 lane). With
- * avx512_bf16 these are the intrinsics; elsewhere GCC vector extensions compute the same thing (any x86-64 or ARM
- * gcc), and each kernel's portable build is tested against its native one. */
+/* What the bf16 kernels (gemm_bf16.c, paired_attention.c, fused_ops.c, decoder_stack.c) share: the scalar bf16 <->
+ * float32 conversions (rounding as torch does), 16-lane vector types, and a vector of 16 bf16 pairs (vp) with dot2,
+ * the pairwise multiply-add vdpbf16ps does (acc += a.lo * b.lo + a.hi * b.hi per fp32 lane). With avx512_bf16 these
+ * are the intrinsics; elsewhere GCC vector extensions compute the same thing (any x86-64 or ARM gcc), and each
+ * kernel's portable build is tested against its native one. */
 #ifndef BF16_PAIRS_H
 #define BF16_PAIRS_H
 
@@ -16,6 +17,20 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 #define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf16_to_f32(bf16 h) { /* exact */
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does; a NaN stays a NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>

@@ -2,10 +2,7 @@
  * as the per-module path (norm, qkv GEMM, rotary, K/V cache write, paired attention, o GEMM, norm, gate_up GEMM,
  * SiLU * up, down GEMM), reached through function pointers into their own libraries, so the results are identical
  * bit for bit while a step costs one Python call instead of ~10 per layer. bf16 only; see cpu_decoder_stack.py. */
-#include <stdint.h>
-#include <string.h>
-
-typedef uint16_t bf16;
+#include "bf16_pairs.h" /* bf16, bf16_to_f32, f32_to_bf16 */
 
 typedef void (*gemm_fn)(const bf16 *, int64_t, const bf16 *, const bf16 *, bf16 *, int64_t, int64_t, int64_t, int64_t,
                         int);
@@ -51,20 +48,6 @@ typedef struct {
     int64_t num_groups;
     const int64_t *row_ctx;
 } Step;
-
-static inline float bf16_to_f32(bf16 h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* NaN stays NaN */
-    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* y [T, n] += bias [n] in bf16 (a row-parallel layer's bias, added after its matmul as in linear.py) */
 static void add_bias(bf16 *y, const bf16 *bias, int64_t T, int64_t n) {

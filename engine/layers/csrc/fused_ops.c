@@ -7,24 +7,13 @@
  * Built at run time by engine/layers/cpu_build.py; wrapped by engine/layers/cpu_fused_ops.py.
  */
 #include <math.h>
-#include <stdint.h>
+
+#include "bf16_pairs.h"
 
 /* Below these element counts one thread runs: an OpenMP fork costs a few microseconds. SiLU (an exp and a divide
  * per element) pays for the fork sooner than the norm or the rotation. */
 #define PARALLEL_MIN_ELEMS 65536
 #define PARALLEL_MIN_ELEMS_SILU 16384
-
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)x << 16;
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does (finite values) */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-}
 
 static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
@@ -142,22 +131,16 @@ DEFINE_CACHE_WRITE(f32, float)
 DEFINE_OPS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, bf16_round)
 DEFINE_OPS(f32, float, f32_to_f32, f32_to_f32, f32_round)
 
-#ifndef __AVX512F__
-#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors in narrower registers: static inline, no ABI crossed */
-#endif
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-
-static inline vfloat load16_f32(const float *p) {
-    vfloat v;
+static inline vf load16_f32(const float *p) {
+    vf v;
     __builtin_memcpy(&v, p, sizeof(v));
     return v;
 }
 
-static inline vfloat load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, exactly (the loop vectorises) */
+static inline vf load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, exactly (the loop vectorises) */
     uint32_t bits[16];
     for (int j = 0; j < 16; j++) bits[j] = (uint32_t)p[j] << 16;
-    vfloat v;
+    vf v;
     __builtin_memcpy(&v, bits, sizeof(v));
     return v;
 }
@@ -166,23 +149,23 @@ static inline vfloat load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, e
  * of the maximum, and its log-softmax (max - logsumexp), in two vectorised passes per row instead of log_softmax +
  * max over the whole matrix. Each of 16 lanes keeps its own first maximum; the lowest index among the lanes' maxima
  * wins. */
-#define DEFINE_GREEDY(SUFFIX, T, LOAD)                                                                            \
+#define DEFINE_GREEDY(SUFFIX, T, LOAD)                                                                          \
 void greedy_##SUFFIX(const T *logits, int64_t stride, int64_t rows, int64_t n, int64_t *ids, float *logprobs,   \
-                     int num_threads) {                                                                          \
+                     int num_threads) {                                                                         \
     _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS)")   \
     for (int64_t r = 0; r < rows; r++) {                                                                        \
         const T *row = logits + r * stride;                                                                     \
         float m = -INFINITY;                                                                                    \
         int64_t best = 0, i0 = 0;                                                                               \
         if (n >= 16) {                                                                                          \
-            vfloat vbest = load16_##SUFFIX(row);                                                                \
-            vint vidx = {0}, lane;                                                                              \
+            vf vbest = load16_##SUFFIX(row);                                                                    \
+            vi vidx = {0}, lane;                                                                                \
             for (int j = 0; j < 16; j++) lane[j] = j, vidx[j] = j;                                              \
             for (i0 = 16; i0 + 16 <= n; i0 += 16) {                                                             \
-                const vfloat v = load16_##SUFFIX(row + i0);                                                     \
-                const vint better = v > vbest; /* all ones where strictly greater: each lane's first max */     \
+                const vf v = load16_##SUFFIX(row + i0);                                                         \
+                const vi better = v > vbest; /* all ones where strictly greater: each lane's first max */       \
                 vidx = (vidx & ~better) | ((lane + (int32_t)i0) & better);                                      \
-                vint vb, vv;                                                                                    \
+                vi vb, vv;                                                                                      \
                 __builtin_memcpy(&vb, &vbest, sizeof(vb));                                                      \
                 __builtin_memcpy(&vv, &v, sizeof(vv));                                                          \
                 vb = (vb & ~better) | (vv & better);                                                            \

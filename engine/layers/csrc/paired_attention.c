@@ -53,12 +53,6 @@ INLINE vf exp_neg(vf x) { /* e^x for x <= 0 (flushed to e^-87 below): 2^n e^r, |
     return p * (vf)((n + 127) << 23);
 }
 
-INLINE bf16 bf16_round(float f) { /* round to nearest even, as torch does (finite values) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (bf16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 INLINE void bf16_store16(bf16 *p, vf x) {
     vu u = (vu)x;
     u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -218,7 +212,7 @@ static void attend(const bf16 *q, int64_t q_stride, const bf16 *kc, const bf16 *
     for (int64_t a = 0; a < nq; a++) {
         bf16 *o = out + ((r0 + a / G) * H + h * G + a % G) * hd;
         const float inv = 1.f / sums[a];
-        for (int64_t i = 0; i < hd; i++) o[i] = bf16_round(acc[a * hd + i] * inv);
+        for (int64_t i = 0; i < hd; i++) o[i] = f32_to_bf16(acc[a * hd + i] * inv);
     }
     free(buf);
 }

@@ -1,7 +1,8 @@
 """LLMEngine: the incremental interface a server drives — add_request, step, abort.
 
 Each `step()` schedules one batch, runs it, samples, detokenizes, applies stop conditions and
-returns a RequestOutput for every request that got a token. Single-threaded by design: the caller
+returns a RequestOutput for every request that got a token. Whatever goes wrong for one request after the forward
+pass fails that request alone (`_isolated`); a failed forward pass fails the step. Single-threaded by design: the caller
 owns the loop (the offline LLM, or the server's engine process). Sharded over N ranks, this process is
 rank 0: it schedules and samples, and hands every step to the other ranks (`close()` stops them).
 """
@@ -12,19 +13,21 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.faults import RequestFault, is_device_fault
 from engine.model_runner import ModelRunner
 from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.parallel_config import resolve_parallel_config
-from engine.sampler import SampleOutput, SamplingRequest
+from engine.sampler import SampleOutput, Sampler, SamplingRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from engine.tp_group import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
+        self.sampler = Sampler(fused=self.runner.fused_ops)
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
@@ -175,17 +180,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        sampling = [
-            SamplingRequest(
-                item.seq.sampling_params,
-                item.seq.all_token_ids if item.seq.sampling_params.needs_processing else [],
-                self._requests[item.seq.request_id].generator,
-            )
-            for item in batch.scheduled
-            if item.sample
-        ]
         try:
-            samples = iter(self.runner.execute(batch, sampling))
+            logits = self.runner.execute(batch)
         except BaseException as e:
             # The step's blocks were cached when it was scheduled: an error or an interrupt (Ctrl-C) midway leaves
             # their K/V unwritten, so they must not stay cached.
@@ -193,14 +189,80 @@ class LLMEngine:
             if self.tp_group is not None and isinstance(e, Exception):  # a rank died or hung: the group cannot go on
                 raise self.tp_group.fail(e) from e
             raise
-        sampled = [next(samples) if item.sample else None for item in batch.scheduled]
-        self.scheduler.update(batch, [s.token_id if s else None for s in sampled])
-        now = time.monotonic()
-        outputs = []
-        for item, sample in zip(batch.scheduled, sampled):
+        rows = [item for item in batch.scheduled if item.sample]
+        requests = [self._requests[item.seq.request_id] for item in rows]
+        sampling = [SamplingRequest(r.seq.sampling_params, _history(r.seq), r.generator) for r in requests]
+        batched = self._sample_batch(logits, sampling) if rows else []
+        outputs: list[RequestOutput] = []
+        picked: dict[str, SampleOutput] = {}
+        for i, req in enumerate(requests):
+            sample = self._isolated(
+                req, outputs, lambda i=i: _checked(batched[i] if batched else self.sampler.one(logits[i], sampling[i]))
+            )
             if sample is not None:
-                outputs.append(self._process(self._requests[item.seq.request_id], sample, now))
+                picked[req.seq.request_id] = sample
+        self.scheduler.update(batch, [_token(picked.get(item.seq.request_id)) for item in batch.scheduled])
+        now = time.monotonic()
+        for req in requests:
+            sample = picked.get(req.seq.request_id)
+            if sample is not None:
+                out = self._isolated(req, outputs, lambda req=req, sample=sample: self._process(req, sample, now))
+                if out is not None:
+                    outputs.append(out)
         return outputs
+
+    def _sample_batch(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> list[SampleOutput] | None:
+        """The batched sampler's rows; None when it raised for a reason other than the device (the caller then
+        samples row by row, each row isolated, so the row that broke the batch fails alone)."""
+        try:
+            return self.sampler(logits, rows)
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            logger.warning("batched sampling failed (%s: %s); sampling the step row by row", type(e).__name__, e)
+            return None
+
+    def _isolated(self, req: _Request, failures: list[RequestOutput], work: Callable[[], T]) -> T | None:
+        """The one guarded place for per-request work (sampling a row, detokenizing, stop matching, and any later
+        per-request stage): an error fails this request alone, appending its final output to `failures`, and the
+        step goes on. Device and collective errors are raised on: they fail the engine."""
+        try:
+            return work()
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            failures.append(self._fail(req, e))
+            return None
+
+    def _fail(self, req: _Request, error: Exception) -> RequestOutput:
+        seq = req.seq
+        if isinstance(error, RequestFault):
+            message = str(error)
+            logger.warning("request %s failed: %s", seq.request_id, message)
+        else:
+            message = f"{type(error).__name__}: {error}"
+            logger.error("request %s failed: %s", seq.request_id, message, exc_info=error)
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "error")
+        self._requests.pop(seq.request_id, None)
+        req.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=req.matcher.text[: req.matcher.emitted],
+            new_token_ids=[],
+            new_text="",
+            new_logprobs=[],
+            new_top_tokens=[],
+            logprobs=list(req.logprobs),
+            top_tokens=list(req.top_tokens),
+            finished=True,
+            finish_reason="error",
+            seed=req.seed,
+            metrics=req.metrics,
+            error=message,
+        )
 
     def _process(self, req: _Request, sample: SampleOutput, now: float) -> RequestOutput:
         seq, m = req.seq, req.metrics
@@ -237,3 +299,18 @@ class LLMEngine:
             seed=req.seed,
             metrics=m,
         )
+
+
+def _checked(sample: SampleOutput) -> SampleOutput:
+    if sample.error is not None:
+        raise RequestFault(sample.error)
+    return sample
+
+
+def _token(sample: SampleOutput | None) -> int | None:
+    return None if sample is None else sample.token_id
+
+
+def _history(seq: Sequence) -> list[int]:
+    """The ids the penalties look at: every token so far, only for requests with penalties."""
+    return seq.all_token_ids if seq.sampling_params.needs_processing else []

@@ -2,7 +2,7 @@
 
 A step is one flattened batch: decode rows first, then prefill chunks. Rank 0 builds its inputs as
 plain lists (`StepInput`, what the other ranks receive); each rank moves them to its device once.
-Logits are computed only for the rows that sample, and sampled on rank 0 only.
+Logits are computed only for the rows that sample; rank 0 hands them to the engine, which samples.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from engine.loader import iter_weights
 from engine.model_source import ModelFiles
 from engine.models import get_model_class
 from engine.parallel import SINGLE_RANK, ParallelState, building_with
-from engine.sampler import SampleOutput, Sampler, SamplingRequest
 from engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -73,7 +72,6 @@ class ModelRunner:
         if self.fused_ops:
             model.use_fused_cpu_ops()
         self.model = model.eval()
-        self.sampler = Sampler(fused=self.fused_ops)
         # CPU decodes read the paged cache in place with a compiled kernel when one builds here.
         self.decode_kernel = config.cpu_decode_kernel and cpu_decode_kernel.supports(self.device, self.dtype)
         self.paired = False  # the paired cache layout, whose kernel runs every row (decode and prefill)
@@ -187,22 +185,21 @@ class ModelRunner:
         pos = torch.tensor(step.positions, dtype=torch.long, device=dev)
         return input_ids, pos, meta
 
-    def execute(self, batch: ScheduledBatch, requests: list[SamplingRequest]) -> list[SampleOutput]:
-        """Run one step (rank 0); `requests` are the sampling rows' parameters, in batch order."""
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Run one step (rank 0) -> logits [sampling rows, V] in batch order, or None when no row samples."""
         step = self.prepare(batch)
         if self.send_step is not None:  # the other ranks run the same step
             self.send_step(step)
-        return self.run(step, requests)
+        return self.run(step)
 
     @torch.inference_mode()
-    def run(self, step: StepInput, requests: list[SamplingRequest] | None) -> list[SampleOutput]:
-        """Forward pass and logits of the sampling rows; sampled only where `requests` are given (rank 0)."""
+    def run(self, step: StepInput) -> torch.Tensor | None:
+        """Forward pass and the logits of the sampling rows (every rank computes them: the LM head gathers).
+        float32, or the model's dtype where the fused CPU greedy pick reads 16-bit logits as they are."""
         input_ids, positions, meta = self.tensors(step)
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
         if not step.sample_rows:
-            return []
+            return None
         rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
-        # All ranks: the LM head gathers. The fused sampler reads 16-bit logits as they are (no float32 copy).
-        logits = self.model.compute_logits(hidden.index_select(0, rows), keep_dtype=self.sampler.fused)
-        return [] if requests is None else self.sampler(logits, requests)
+        return self.model.compute_logits(hidden.index_select(0, rows), keep_dtype=self.fused_ops)

@@ -28,6 +28,7 @@ class RequestOutput:
     logprobs: list[float]  # one per token_ids entry
     top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence" | "abort"
+    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence" | "abort" | "error"
     seed: int | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None  # finish_reason "error": what failed this request alone (the engine goes on)

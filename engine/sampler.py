@@ -1,8 +1,9 @@
-"""Next-token choice: greedy or seeded sampling with TGI's warpers, plus logprobs.
+"""Next-token choice for a whole step, batched on the logits' device: greedy, penalties, warpers, seeded draws.
 
-Reported logprobs are the model's own (log-softmax of raw logits, as vLLM's default), whatever the
-warpers did. Order of processing, as in transformers: repetition penalty, frequency penalty,
-temperature, top_k, top_p, typical_p. Rows are [V] float32 logits.
+Each row is processed as engine/sampler_reference.py processes it alone (its slow twin, equal token for token on the
+same seeds). A draw is argmax(probs / noise) with Exp(1) noise from the request's own generator, so a seed gives the
+same tokens alone or batched. Reported logprobs are the model's own (log-softmax of the raw logits). The parameters go
+to the device in two packed copies and the results come back in one; nothing in between waits on the device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.layers import cpu_fused_ops
+from engine.sampler_reference import SamplingFault, choose, exponential_noise
 from engine.sampling_params import SamplingParams
+
+NON_FINITE = "the sampling probabilities are not finite (NaN or infinity)"
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class SampleOutput:
     token_id: int
     logprob: float
     top_tokens: list[tuple[int, float]] = field(default_factory=list)  # top_n_tokens (id, logprob)
+    error: str | None = None  # the row could not be sampled: its request fails alone
 
 
 @dataclass
@@ -29,50 +34,63 @@ class SamplingRequest:
     generator: torch.Generator | None = None  # set when sampling
 
 
-def apply_penalties(row: torch.Tensor, p: SamplingParams, token_ids: list[int]) -> torch.Tensor:
-    if not token_ids:
-        return row
-    if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
-        ids = torch.tensor(sorted(set(token_ids)), device=row.device)
-        vals = row[ids]
-        row = row.clone()
-        row[ids] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
-    if p.frequency_penalty:
-        ids = torch.tensor(token_ids, device=row.device)
-        counts = torch.bincount(ids, minlength=row.shape[0])[: row.shape[0]]
-        # TGI's form: the penalty scales each token's frequency among all ids so far.
-        row = row - p.frequency_penalty * counts.to(row.dtype) / len(token_ids)
-    return row
-
-
-def apply_warpers(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    neg_inf = float("-inf")
-    if p.temperature is not None and p.temperature != 1.0:
-        row = row / p.temperature
-    if p.top_k is not None and p.top_k < row.shape[0]:
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, neg_inf)
-    if p.top_p is not None and p.top_p < 1.0:
-        sorted_logits, order = torch.sort(row)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1.0 - p.top_p
-        drop[-1] = False  # always keep the most likely token
-        row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), neg_inf)
-    if p.typical_p is not None and p.typical_p < 1.0:
-        logp = row.log_softmax(-1)
-        entropy = -(logp.exp() * logp).nansum()
-        surprise_gap = (-logp - entropy).abs()
-        sorted_gap, order = torch.sort(surprise_gap)
-        cum = row[order].softmax(-1).cumsum(-1)
-        last = int((cum < p.typical_p).sum().clamp(max=row.shape[0] - 1))
-        drop = sorted_gap > sorted_gap[last]
-        drop[0] = False
-        row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), neg_inf)
-    return row
-
-
 def _plain_greedy(p: SamplingParams) -> bool:
-    return p.greedy and not p.needs_processing and not p.top_n_tokens
+    return p.greedy and not p.needs_processing
+
+
+# Columns of the packed float parameters; the last four are 0/1 flags.
+_REP, _FREQ, _TEMP, _TOP_P, _TYPICAL, _COUNT, _GREEDY, _HAS_FREQ, _HAS_TOP_P, _HAS_TYPICAL = range(10)
+
+
+def _uses_top_p(p: SamplingParams) -> bool:
+    return p.top_p is not None and p.top_p < 1.0
+
+
+def _uses_typical(p: SamplingParams) -> bool:
+    return p.typical_p is not None and p.typical_p < 1.0
+
+
+@dataclass
+class _Rows:
+    """The processed rows' parameters on the device: floats [R, 10] (columns above), top_k [R], ids [R, L]."""
+
+    index: torch.Tensor  # [R] row of each in the step's logits
+    floats: torch.Tensor
+    top_k: torch.Tensor
+    ids: torch.Tensor  # token history for penalties, padded with V
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+
+    def flag(self, column: int) -> torch.Tensor:
+        """[R, 1] bool of a flag column."""
+        return self.floats[:, column : column + 1] > 0
+
+    @classmethod
+    def build(cls, rows: list[int], requests: list[SamplingRequest], vocab: int, device: torch.device) -> _Rows:
+        params = [requests[i].params for i in rows]
+        histories = [requests[i].token_ids for i in rows]
+        width = max((len(h) for h in histories), default=0)
+        floats, ints = [], []
+        for i, p, h in zip(rows, params, histories):
+            floats.append(
+                [
+                    p.effective_repetition_penalty or 1.0,
+                    p.frequency_penalty or 0.0,
+                    p.temperature if p.temperature is not None and not p.greedy else 1.0,
+                    1.0 - p.top_p if p.top_p is not None else 0.0,  # computed in double, as the twin's comparison
+                    p.typical_p or 1.0,
+                    max(1, len(h)),
+                    float(p.greedy),
+                    float(bool(p.frequency_penalty)),
+                    float(_uses_top_p(p)),
+                    float(_uses_typical(p)),
+                ]
+            )
+            ints.append([i, min(p.top_k or vocab, vocab), *h, *[vocab] * (width - len(h))])
+        pinned = device.type == "cuda"
+        f = torch.tensor(floats, dtype=torch.float32, pin_memory=pinned).to(device, non_blocking=True)
+        n = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
+        return cls(n[:, 0], f, n[:, 1], n[:, 2:], params, [requests[i].generator for i in rows])
 
 
 class Sampler:
@@ -81,31 +99,119 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
         """logits [N, V] (float32; bfloat16 too when fused), one row per request -> one SampleOutput each."""
-        if self.fused and logits.device.type == "cpu" and all(_plain_greedy(r.params) for r in requests):
+        plain = [_plain_greedy(r.params) for r in requests]
+        top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
+        if self.fused and logits.device.type == "cpu" and all(plain) and not top_n:
             ids, chosen = cpu_fused_ops.greedy(logits)
             return [SampleOutput(i, lp) for i, lp in zip(ids, chosen)]
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]: one fused pass
-        best_logprobs, chosen = logprobs.max(dim=-1)  # greedy rows need nothing else
-        for i, req in enumerate(requests):
-            p = req.params
-            if p.greedy and not p.needs_processing:
-                continue
-            row = apply_penalties(logits[i], p, req.token_ids)
-            if p.greedy:
-                chosen[i] = torch.argmax(row)
-            else:
-                probs = apply_warpers(row, p).softmax(-1)
-                chosen[i] = torch.multinomial(probs, 1, generator=req.generator)[0]
-            best_logprobs[i] = logprobs[i, chosen[i]]
-        chosen_logprobs = best_logprobs.tolist()
-        ids = chosen.tolist()
-        top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
-        tops: list[list[tuple[int, float]]] = [[] for _ in requests]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
+        ids = logprobs.argmax(dim=-1)  # plain greedy rows need nothing else
+        bad = torch.zeros_like(ids, dtype=torch.bool)
+        rows = [i for i, p in enumerate(plain) if not p]
+        if rows:
+            picked, failed, index = self._process(logits, _Rows.build(rows, requests, logits.shape[1], logits.device))
+            ids.index_copy_(0, index, picked)
+            bad.index_copy_(0, index, failed)
+        parts = [ids.double(), logprobs.gather(1, ids[:, None])[:, 0].double(), bad.double()]
         if top_n:
             values, indices = torch.topk(logprobs, top_n, dim=-1)
-            values, indices = values.tolist(), indices.tolist()
-            for i, req in enumerate(requests):
-                n = req.params.top_n_tokens
-                tops[i] = list(zip(indices[i][:n], values[i][:n]))
-        return [SampleOutput(ids[i], chosen_logprobs[i], tops[i]) for i in range(len(requests))]
+            parts += [values.double().flatten(), indices.double().flatten()]
+        host = torch.cat(parts).tolist()  # the one device -> host copy of the step's samples
+        n = len(requests)
+        outs = []
+        for i, r in enumerate(requests):
+            tops: list[tuple[int, float]] = []
+            if r.params.top_n_tokens:
+                base = 3 * n + i * top_n
+                k = r.params.top_n_tokens
+                vals, inds = host[base : base + k], host[base + n * top_n : base + n * top_n + k]
+                tops = [(int(t), v) for t, v in zip(inds, vals)]
+            outs.append(SampleOutput(int(host[i]), host[n + i], tops, NON_FINITE if host[2 * n + i] else None))
+        return outs
+
+    def one(self, logits: torch.Tensor, request: SamplingRequest) -> SampleOutput:
+        """The per-row twin for one row of logits [V]; raises SamplingFault where __call__ flags the row."""
+        row = logits.float()
+        logprobs = torch.log_softmax(row, dim=-1)
+        token = choose(row, request.params, request.token_ids, request.generator)
+        n = min(request.params.top_n_tokens, row.shape[0])
+        tops: list[tuple[int, float]] = []
+        if n:
+            values, indices = torch.topk(logprobs, n)
+            tops = list(zip(indices.tolist(), values.tolist()))
+        return SampleOutput(token, float(logprobs[token]), tops)
+
+    def reference(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
+        """Every row through the per-row twin (tests; a failing row gets its error instead of raising)."""
+        outs = []
+        for row, request in zip(logits, requests):
+            try:
+                outs.append(self.one(row, request))
+            except SamplingFault as e:
+                outs.append(SampleOutput(-1, float("nan"), [], str(e)))
+        return outs
+
+    def _process(self, x: torch.Tensor, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Penalties, then argmax (greedy rows) or warpers and a draw -> (ids [R], failed [R], rows' index [R])."""
+        xs = x.index_select(0, rows.index)
+        vocab, f, ps = xs.shape[1], rows.floats, rows.params
+        if rows.ids.shape[1]:
+            xs = self._penalties(xs, rows)
+        greedy = rows.flag(_GREEDY)[:, 0]
+        picked = xs.argmax(dim=-1)
+        failed = torch.isnan(xs).any(dim=-1) & greedy
+        if all(p.greedy for p in ps):
+            return picked, failed, rows.index
+        neg_inf = float("-inf")
+        xs = xs / f[:, _TEMP : _TEMP + 1]  # 1.0 where unset: exact
+        if any(p.top_k is not None for p in ps):
+            kth = torch.sort(xs, dim=-1, descending=True, stable=True).values.gather(1, rows.top_k[:, None] - 1)
+            xs = xs.masked_fill(xs < kth, neg_inf)
+        if any(_uses_top_p(p) for p in ps):
+            sorted_x, order = torch.sort(xs, dim=-1, stable=True)  # ascending
+            drop = sorted_x.softmax(-1).cumsum(-1) <= f[:, _TOP_P : _TOP_P + 1]
+            drop[:, -1] = False  # always keep the most likely token
+            drop &= rows.flag(_HAS_TOP_P)
+            xs = xs.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), neg_inf)
+        if any(_uses_typical(p) for p in ps):
+            xs = self._typical(xs, rows)
+        probs = xs.softmax(-1)
+        sampled = [i for i, p in enumerate(ps) if not p.greedy]
+        noise = torch.ones_like(probs)
+        for i in sampled:  # one draw per sampling row, from its own generator (no host sync)
+            noise[i] = exponential_noise(vocab, rows.generators[i], xs.device)
+        drawn = (probs / noise).argmax(dim=-1)
+        not_finite = ~torch.isfinite(probs).all(dim=-1)
+        picked = torch.where(greedy, picked, drawn)
+        failed = torch.where(greedy, failed, not_finite)
+        return picked, failed, rows.index
+
+    @staticmethod
+    def _penalties(xs: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """Repetition penalty on the ids seen, then TGI's frequency penalty (penalty x count / ids so far)."""
+        vocab, f, ps = xs.shape[1], rows.floats, rows.params
+        if any(p.effective_repetition_penalty is not None for p in ps):
+            seen = torch.zeros(xs.shape[0], vocab + 1, dtype=torch.bool, device=xs.device)
+            seen = seen.scatter_(1, rows.ids, True)[:, :vocab]
+            rp = f[:, _REP : _REP + 1]
+            xs = torch.where(seen, torch.where(xs < 0, xs * rp, xs / rp), xs)
+        if any(p.frequency_penalty for p in ps):
+            counts = torch.zeros(xs.shape[0], vocab + 1, dtype=xs.dtype, device=xs.device)
+            counts = counts.scatter_add_(1, rows.ids, torch.ones_like(rows.ids, dtype=xs.dtype))[:, :vocab]
+            penalised = xs - f[:, _FREQ : _FREQ + 1] * counts / f[:, _COUNT : _COUNT + 1]
+            xs = torch.where(rows.flag(_HAS_FREQ), penalised, xs)
+        return xs
+
+    @staticmethod
+    def _typical(xs: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """Keep the tokens whose surprise is closest to the entropy, up to typical_p of the mass."""
+        logp = xs.log_softmax(-1)
+        entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)
+        sorted_gap, order = torch.sort((-logp - entropy).abs(), dim=-1, stable=True)
+        cum = xs.gather(1, order).softmax(-1).cumsum(-1)
+        last = (cum < rows.floats[:, _TYPICAL : _TYPICAL + 1]).sum(-1, keepdim=True).clamp(max=xs.shape[1] - 1)
+        drop = sorted_gap > sorted_gap.gather(1, last)
+        drop[:, 0] = False
+        drop &= rows.flag(_HAS_TYPICAL)
+        return xs.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))

@@ -1,11 +1,20 @@
 """Per-request generation parameters, named as in TGI.
 
-Validation raises ValueError naming the bad field, so the HTTP layer can turn it into a 422 unchanged.
+Validation raises ValueError naming the bad field, so the HTTP layer can turn it into a 422 unchanged. Values the
+float32 sampler cannot represent act as their limit: see MIN_TEMPERATURE and REPETITION_PENALTY_RANGE.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this temperature sampling is argmax (the limit as temperature -> 0, as vLLM does): dividing float32 logits by
+# a smaller value can overflow, and 1e-300 is 0 in float32.
+MIN_TEMPERATURE = 1e-5
+# A repetition penalty acts as the nearest bound of this range: 1e-300 (0 in float32) would divide logits by zero.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+MAX_SEED = 2**64  # torch generators take 64-bit seeds
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,10 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be strictly positive, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"`temperature` must be strictly positive, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -48,8 +61,8 @@ class SamplingParams:
             raise ValueError(f"`repetition_penalty` must be strictly positive, got {self.repetition_penalty!r}")
         if self.frequency_penalty is not None and not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"`frequency_penalty` must be >= -2.0 and <= 2.0, got {self.frequency_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED):
+            raise ValueError(f"`seed` must be >= 0 and < 2^64, got {self.seed!r}")
         if not isinstance(self.top_n_tokens, int) or self.top_n_tokens < 0:
             raise ValueError(f"`top_n_tokens` must be >= 0, got {self.top_n_tokens!r}")
         for s in self.stop:
@@ -59,8 +72,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """Argmax decoding. As in TGI, setting any warper (temperature != 1, top_k, top_p < 1,
-        typical_p < 1) turns sampling on even without `do_sample`; top_k == 1 is argmax."""
-        if self.top_k == 1:
+        typical_p < 1) turns sampling on even without `do_sample`; top_k == 1 and a temperature below
+        MIN_TEMPERATURE are argmax."""
+        if self.top_k == 1 or (self.temperature is not None and self.temperature < MIN_TEMPERATURE):
             return True
         warped = (
             (self.temperature is not None and self.temperature != 1.0)
@@ -74,3 +88,12 @@ class SamplingParams:
     def needs_processing(self) -> bool:
         """Whether logits must be changed before argmax (penalties) even when greedy."""
         return bool((self.repetition_penalty is not None and self.repetition_penalty != 1.0) or self.frequency_penalty)
+
+    @property
+    def effective_repetition_penalty(self) -> float | None:
+        """The penalty the sampler applies: None when off, else clamped to REPETITION_PENALTY_RANGE."""
+        p = self.repetition_penalty
+        if p is None or p == 1.0:
+            return None
+        low, high = REPETITION_PENALTY_RANGE
+        return min(max(float(p), low), high)

@@ -166,12 +166,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        """Advance each scheduled sequence; `sampled` is aligned with `batch.scheduled`."""
+        """Advance each scheduled sequence; `sampled` is aligned with `batch.scheduled` (None: no token, either not a
+        sampling row or a row whose sampling failed, whose request the engine then finishes)."""
         for item, token in zip(batch.scheduled, sampled, strict=True):
             item.seq.num_computed_tokens += item.num_new_tokens
-            if item.sample:
-                if token is None:
-                    raise RuntimeError(f"no token sampled for request {item.seq.request_id}")
+            if item.sample and token is not None:
                 item.seq.output_token_ids.append(token)
 
     def abandon(self, batch: ScheduledBatch) -> None:

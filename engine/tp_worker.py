@@ -106,7 +106,7 @@ def follow(runner: ModelRunner, conn: Connection) -> int:
         if step is None:
             return 0
         try:
-            runner.run(step, None)
+            runner.run(step)
         except Exception:
             logger.exception("a step failed; exiting")
             return 1

@@ -38,6 +38,7 @@ from serve.ipc import (
     Failure,
     Reply,
     Submit,
+    failure_message,
     token_event,
 )
 
@@ -206,6 +207,9 @@ class EngineServer:
                 continue
             if out.finished:
                 del self.in_flight[out.request_id]
+            if out.error is not None:  # this request alone failed; the engine goes on
+                self._reply(record.identity, record.tag, GenerationError(failure_message(out.error)))
+                continue
             self._reply(record.identity, record.tag, token_event(record.request, record.added_wall, out))
 
     def _fail_all(self, error: EngineError) -> None:

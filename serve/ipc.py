@@ -127,6 +127,11 @@ class WorkerConfig:
         return config
 
 
+def failure_message(error: str) -> str:
+    """The 424 message of a request the engine failed alone."""
+    return f"Request failed during generation: {error}"
+
+
 def token_event(request: GenerateRequest, added_wall: float, out: RequestOutput) -> TokenEvent:
     """The TokenEvent for one RequestOutput; the final one carries timings from the HTTP arrival (seconds)."""
     timings: dict[str, float] = {}

@@ -28,7 +28,7 @@ from serve.engine_protocol import (
     UnavailableError,
     ValidationError,
 )
-from serve.ipc import token_event
+from serve.ipc import failure_message, token_event
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class LocalEngineClient(EngineClient):
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            stream.queue.put(_event(stream, out))
+            stream.queue.put(GenerationError(failure_message(out.error)) if out.error else _event(stream, out))
             if out.finished:
                 del self._streams[out.request_id]
                 self._release(stream)

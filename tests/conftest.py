@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.layers.cpu_build import CSRC
+from engine.layers.cpu_build import _FAST_MATH, CSRC
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def portable_build(tmp_path: Path) -> Callable[[str], ctypes.CDLL]:
     if compiler is None:
         pytest.skip("no C compiler")
     arch = ["-march=x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else []
-    flags = ["-O3", *arch, "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Werror"]
+    flags = ["-O3", *arch, *_FAST_MATH, "-fopenmp", "-shared", "-fPIC", "-Werror"]
 
     def build(name: str) -> ctypes.CDLL:
         lib_path = tmp_path / f"{name}_portable.so"

@@ -16,7 +16,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# -ffast-math's parts, not the flag itself: linked with -ffast-math, a shared library (GCC < 13) runs crtfastmath's
+# constructor at load, which turns flush-to-zero/denormals-are-zero on for the whole process (then `5e-324 > 0` is
+# False in Python, and torch's own results change).
+_FAST_MATH = (
+    "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-freciprocal-math",
+    "-ffinite-math-only", "-fcx-limited-range",
+)  # fmt: skip
+_FLAGS = ("-O3", "-march=native", *_FAST_MATH, "-fopenmp", "-shared", "-fPIC")
 
 
 @functools.cache

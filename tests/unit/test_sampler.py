@@ -14,7 +14,8 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from engine.sampler import Sampler, SamplingRequest, apply_penalties, apply_warpers
+from engine.sampler import Sampler, SamplingRequest
+from engine.sampler_reference import apply_penalties, apply_warpers
 from engine.sampling_params import SamplingParams
 
 VOCAB = 64

@@ -149,12 +149,19 @@ def test_empty_schedule_when_idle():
     assert batch.is_empty and batch.num_tokens == 0 and batch.preempted == []
 
 
-def test_update_requires_token_for_sampling_items():
+def test_update_without_a_token_leaves_a_failed_row_to_be_finished():
+    """A sampling row whose sampling failed gets None: its tokens count as computed, no output is appended, and the
+    engine's finish() then frees its blocks."""
     sched = make_scheduler()
-    sched.add(make_seq("a", 3, 2))
+    seq = make_seq("a", 3, 2)
+    sched.add(seq)
     batch = sched.schedule()
-    with pytest.raises(RuntimeError):
-        sched.update(batch, [None])
+    sched.update(batch, [None])
+    assert seq.num_computed_tokens == 3 and seq.output_token_ids == []
+    sched.finish(seq, "error")
+    assert seq.is_finished and seq.block_table == []
+    assert not sched.has_unfinished()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
 
 
 def test_decodes_and_prefills_mixed_in_one_step():

@@ -144,10 +144,12 @@ def create_app(client: EngineClient, config: ServerConfig, tokenizer: Any) -> Fl
     @app.get("/ping", endpoint="ping")
     @app.get("/health", endpoint="health")
     def health() -> Response:
-        stats = client.stats()  # never waits on the engine loop
+        """/ping is readiness (SageMaker's): 503 while draining. /health is liveness: 200 while the engine runs,
+        busy or draining, so a liveness probe never restarts a pod that is working or finishing its requests."""
+        stats = client.stats()  # never waits on the engine loop; None once the engine is gone or silent
         if stats is None or not stats.ready:
             raise UnavailableError("unhealthy: the engine is not ready")
-        if stats.draining:
+        if stats.draining and request.endpoint == "ping":
             raise UnavailableError("unhealthy: the server is draining")
         return Response(status=200)
 

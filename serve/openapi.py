@@ -99,8 +99,8 @@ def _routes() -> dict[tuple[str, str], dict[str, Any]]:
     text_ok = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     e = _GENERATION_ERRORS
     return {
-        ("get", "/ping"): _operation("SageMaker health check", None, health_ok, (503,)),
-        ("get", "/health"): _operation("Health check", None, health_ok, (503,)),
+        ("get", "/ping"): _operation("Readiness (SageMaker): 503 while loading or draining", None, health_ok, (503,)),
+        ("get", "/health"): _operation("Liveness: 200 while the engine runs, even draining", None, health_ok, (503,)),
         ("post", "/invocations"): _operation(
             "SageMaker: TGI generate, chat completion or completion by body shape",
             _one_of(gen, chat, cmpl),

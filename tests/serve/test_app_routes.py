@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -48,13 +49,68 @@ def test_health(api: FlaskClient, route: str) -> None:
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize("state", [None, stats(ready=False), stats(draining=True)])
-@pytest.mark.parametrize("route", ["/ping", "/health"])
+@pytest.mark.parametrize(
+    ("state", "route"),
+    [(None, "/ping"), (stats(ready=False), "/ping"), (stats(draining=True), "/ping"),
+     (None, "/health"), (stats(ready=False), "/health")],
+)  # fmt: skip
 def test_unhealthy_is_503(serve_env: Served, state: EngineStats | None, route: str) -> None:
     app = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.tokenizer)
     r = app.test_client().get(route)
     assert r.status_code == 503
     assert r.json["error_type"] == "unhealthy" and "unhealthy" in r.json["error"]
+
+
+def test_health_is_liveness(serve_env: Served) -> None:
+    """/health stays 200 while draining (a liveness probe must not kill a pod finishing its requests) and when the
+    engine is saturated; /ping is readiness: 503 while draining, 200 when busy."""
+    saturated = EngineStats(True, False, queue_size=500, batch_size=4, in_flight=4, kv_cache_usage=1.0,
+                            kv_cache_blocks=10, time=time.time())  # fmt: skip
+    for state, ping in ((stats(draining=True), 503), (saturated, 200)):
+        client = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.tokenizer).test_client()
+        assert (client.get("/health").status_code, client.get("/ping").status_code) == (200, ping)
+
+
+def test_health_while_the_engine_is_stuck_in_a_step_and_draining(
+    serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real engine: held inside step() with a request in flight, then draining; /health answers 200 at once."""
+    held, real_step = threading.Event(), serve_env.engine.step
+
+    def held_step() -> list:
+        held.wait(10)
+        return real_step()
+
+    monkeypatch.setattr(serve_env.engine, "step", held_step)
+    result: list[int] = []
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+    thread = threading.Thread(target=lambda: result.append(api.post("/generate", json=body).status_code))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while serve_env.client.num_in_flight < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert serve_env.client.num_in_flight == 1
+        started = time.perf_counter()
+        assert api.get("/health").status_code == 200 and api.get("/ping").status_code == 200
+        assert time.perf_counter() - started < 0.5  # never waits on the engine loop
+        serve_env.client.drain()
+        held.set()
+        thread.join(10)
+        assert result == [200]  # the in-flight request finished during the drain
+        deadline = time.monotonic() + 5
+        while not serve_env.client.stats().draining and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        assert api.get("/health").status_code == 200
+        assert api.get("/ping").status_code == 503
+    finally:
+        held.set()
+        serve_env.client.drain(False)
+        thread.join(10)
+    deadline = time.monotonic() + 5
+    while serve_env.client.stats().draining and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    assert api.get("/ping").status_code == 200
 
 
 def test_info(api: FlaskClient, serve_env: Served) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("torch", "cpu", "triton", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class EngineConfig:
     # has AMX tiles, where oneDNN's AMX matmuls are faster
     cpu_gemm: bool | None = None
     cpu_decoder_stack: bool = True  # CPU bf16 with the compiled paths: all decoder layers in one compiled call per step
+    # None: the best the device has (triton on CUDA, the compiled kernels on CPU); else one of ATTENTION_BACKENDS
+    attention_backend: str | None = None
+    cuda_graphs: bool = True  # CUDA: replay decode-only steps as CUDA graphs, per batch-size bucket
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,5 +63,9 @@ class EngineConfig:
             len(self.port_range) == 2 and 1 <= self.port_range[0] <= self.port_range[1] <= 65535
         ):
             raise ValueError(f"port_range must be (low, high) with 1 <= low <= high <= 65535, got {self.port_range!r}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
-from engine.layers.attention import AttentionMetadata
 from engine.layers.cpu_build import bind, load_library
 from engine.layers.cpu_gemm import PackedWeight
+
+if TYPE_CHECKING:
+    from engine.attention.cpu import PairedMetadata
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -108,16 +111,17 @@ class DecoderStack:
                 return None
             if any(lin.bias is not None and lin.bias.dtype != torch.bfloat16 for lin in linears):
                 return None
-            if not (a.attn.paired and m.act.fused and a.attn.k_cache.is_contiguous()):
+            paired = getattr(a.attn.backend, "paired", False) and a.attn.backend.compiled_write
+            if not (paired and not a.attn.has_options and m.act.fused and a.attn.k_cache.is_contiguous()):
                 return None
         return DecoderStack(model)
 
     @staticmethod
-    def runs(meta: AttentionMetadata) -> bool:
+    def runs(meta: object) -> bool:
         """Whether this step's metadata is the compiled path's (paired kernel rows, flat slots)."""
-        return meta.kernel_rows is not None and meta.fused_slots is not None
+        return getattr(meta, "kernel_rows", None) is not None and getattr(meta, "fused_slots", None) is not None
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: PairedMetadata) -> torch.Tensor:
         """x [T, hidden] bf16 embeddings (used as the residual stream) -> the final norm's output [T, hidden]."""
         rows = meta.kernel_rows
         t = x.shape[0]

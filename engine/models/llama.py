@@ -11,8 +11,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from engine.attention.base import current_metadata
 from engine.layers.activation import SiluAndMul
-from engine.layers.attention import Attention, current_metadata
+from engine.layers.attention import Attention
 from engine.layers.cpu_decoder_stack import DecoderStack
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear

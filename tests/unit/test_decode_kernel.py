@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.attention.cpu import CpuPairedBackend
+from engine.attention.torch_twin import TorchBackend, TwinMetadata, pair, unpair
 from engine.layers import cpu_decode_kernel
-from engine.layers.attention import Attention, AttentionMetadata, pair, unpair
+from engine.layers.attention import Attention
 
 
 def _case(dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, lens: list[int], seed: int = 0, hd: int = 16):
@@ -31,12 +33,21 @@ def _case(dtype: torch.dtype, heads: int, kv_heads: int, block_size: int, lens: 
     return qk[:, :heads], kc, vc, bt, torch.tensor(lens)  # q is a strided view, as in the model
 
 
-def _torch_decode(q, kc, vc, bt, lens) -> torch.Tensor:
-    heads, kv_heads, hd = q.shape[1], kc.shape[1], q.shape[2]
-    pad = torch.arange(bt.shape[1] * vc.shape[2])[None] >= lens[:, None]
+def _twin(q, kc, vc, bt, lens, paired: bool = False) -> torch.Tensor:
+    """The torch twin's decode over a plain or paired cache."""
+    heads, kv_heads, hd, bs = q.shape[1], kc.shape[1], q.shape[2], kc.shape[3]
+    pad = torch.arange(bt.shape[1] * bs)[None] >= lens[:, None]
     mask = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))[:, None, None, :]
-    meta = AttentionMetadata(torch.empty(0), num_decodes=len(lens), decode_block_tables=bt, decode_mask=mask)
-    return Attention(heads, kv_heads, hd, hd**-0.5)._decode(q, kc, vc, meta)
+    meta = TwinMetadata(num_decodes=len(lens), decode_block_tables=bt, decode_mask=mask)
+    backend = TorchBackend(torch.device("cpu"), q.dtype, bs)
+    backend.paired = paired
+    attn = Attention(heads, kv_heads, hd, hd**-0.5)
+    attn.k_cache, attn.v_cache = kc, vc
+    return backend._decode(attn, q, meta)
+
+
+def _torch_decode(q, kc, vc, bt, lens) -> torch.Tensor:
+    return _twin(q, kc, vc, bt, lens)
 
 
 def test_the_kernel_builds_here() -> None:
@@ -88,21 +99,12 @@ def _decode_rows(bt: torch.Tensor, ctx: torch.Tensor) -> cpu_decode_kernel.Kerne
     return cpu_decode_kernel.kernel_rows(bt.tolist(), ctx.tolist(), [])
 
 
-def _twin(q, kc, vc, bt, lens, paired: bool) -> torch.Tensor:
-    heads, kv_heads, hd = q.shape[1], kc.shape[1], q.shape[2]
-    pad = torch.arange(bt.shape[1] * kc.shape[3])[None] >= lens[:, None]
-    mask = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))[:, None, None, :]
-    meta = AttentionMetadata(torch.empty(0), num_decodes=len(lens), decode_block_tables=bt, decode_mask=mask)
-    attn = Attention(heads, kv_heads, hd, hd**-0.5)
-    attn.paired = paired
-    return attn._decode(q, kc, vc, meta)
-
-
 def test_paired_layout_round_trip_and_twin() -> None:
     q, kc, vc, bt, ctx = _case(torch.bfloat16, 6, 2, 8, [3, 8, 21])
     assert torch.equal(unpair(pair(kc)), kc) and torch.equal(unpair(pair(vc)), vc)
-    assert pair(kc).shape == Attention.cache_shapes(kc.shape[0], 2, 8, 16, paired=True)[0]
-    assert pair(vc).shape == Attention.cache_shapes(kc.shape[0], 2, 8, 16, paired=True)[1]
+    paired_backend = CpuPairedBackend(torch.device("cpu"), torch.bfloat16, 8, fused_write=False)
+    assert pair(kc).shape == paired_backend.cache_shapes(kc.shape[0], 2, 16)[0]
+    assert pair(vc).shape == paired_backend.cache_shapes(kc.shape[0], 2, 16)[1]
     assert pair(kc)[1, 0, 3, 5, 1].item() == kc[1, 0, 7, 5].item()  # dims 2i, 2i + 1 of token t side by side
     assert pair(vc)[1, 0, 2, 5, 1].item() == vc[1, 0, 5, 5].item()  # tokens 2t, 2t + 1 of dim i side by side
     plain = _twin(q, kc, vc, bt, ctx, paired=False)

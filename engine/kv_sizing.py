@@ -1,0 +1,81 @@
+"""KV-cache sizing on CUDA, by a profile run as vLLM does: run a worst-case prefill step and the sampler on its
+widest batch, read the peak of torch's allocator, and give the rest of `gpu_memory_utilization` (TGI's
+CUDA_MEMORY_FRACTION) of the device to the cache. Memory torch does not allocate (CUDA context, NCCL) is counted too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.sampler import Sampler, SamplingRequest
+from engine.sampling_params import SamplingParams
+from engine.step_input import StepInput
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+GIB = 2**30
+
+
+def profile_step(runner: ModelRunner) -> StepInput:
+    """The largest prefill a step can hold: one chunk of max_batch_prefill_tokens (capped by the context)."""
+    n = max(1, min(runner.config.max_batch_prefill_tokens, runner.max_model_len - 1))
+    blocks = list(range(math.ceil(n / runner.block_size)))
+    return StepInput(
+        input_ids=[0] * n,
+        positions=list(range(n)),
+        slots=list(range(n)),
+        prefills=[(0, 0, n, blocks)],
+        sample_rows=[n - 1],
+    )
+
+
+def _profile(runner: ModelRunner) -> None:
+    """One worst-case step and one worst-case sampler call, on a cache just large enough for the step."""
+    step = profile_step(runner)
+    layers = runner.model.attention_layers()
+    a = layers[0]
+    runner.backend.bind(a.num_kv_heads, general=any(layer.has_options for layer in layers))
+    blocks = len(step.prefills[0][3])
+    for layer in layers:
+        layer.bind(runner.backend, *runner.backend.allocate(blocks, a.num_kv_heads, a.head_dim))
+    try:
+        runner.run(step)
+        rows = runner.config.max_num_seqs
+        vocab = runner.hf_config.vocab_size
+        logits = torch.randn(rows, vocab, device=runner.device)
+        params = SamplingParams(do_sample=True, top_p=0.9, top_k=50, repetition_penalty=1.1, top_n_tokens=5)
+        history = list(range(min(256, vocab)))
+        generator = torch.Generator(device=runner.device).manual_seed(0)
+        Sampler()(logits, [SamplingRequest(params, history, generator) for _ in range(rows)])
+        torch.cuda.synchronize(runner.device)
+    finally:
+        for layer in layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+
+
+def cuda_kv_blocks(runner: ModelRunner, bytes_per_block: int) -> int:
+    dev = runner.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    weights = torch.cuda.memory_allocated(dev)
+    non_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))  # context, NCCL, cuBLAS workspaces
+    torch.cuda.reset_peak_memory_stats(dev)
+    _profile(runner)
+    peak = torch.cuda.max_memory_allocated(dev)
+    torch.cuda.empty_cache()
+    budget = total * runner.config.gpu_memory_utilization - peak - non_torch
+    blocks = int(budget // bytes_per_block)
+    logger.info(
+        "CUDA memory: %.2f GiB total x %.2f; weights %.2f GiB, step peak %.2f GiB (activations %.2f), outside torch "
+        "%.2f GiB -> KV cache %.2f GiB, %d blocks",
+        total / GIB, runner.config.gpu_memory_utilization, weights / GIB, peak / GIB, (peak - weights) / GIB,
+        non_torch / GIB, max(0, blocks) * bytes_per_block / GIB, blocks,
+    )  # fmt: skip
+    return blocks

@@ -1,0 +1,110 @@
+"""The execution plan: every choice between fast paths, made once at start-up from (device, dtype, what is installed,
+config) and logged in one line. Layers and the runner are handed the plan; they never re-decide per call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ATTENTION_BACKENDS, EngineConfig
+from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
+
+# Decode batch sizes captured as CUDA graphs (each step pads up to the next one), as far as max_num_seqs.
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    device: torch.device
+    dtype: torch.dtype
+    attention: str  # "torch" | "cpu" | "cpu_paired" | "triton" | "flash_attn"
+    fused_ops: bool  # CPU: compiled norm / SiLU * up / rotary / K-V write / greedy pick
+    cpu_gemm: bool | None  # CPU bf16 matmuls: the compiled GEMM (True), oneDNN (False); None off the CPU
+    decoder_stack: bool  # CPU bf16: every decoder layer in one compiled call, where the model allows it
+    cuda_graphs: tuple[int, ...]  # decode batch sizes replayed as CUDA graphs; () = eager
+
+    def describe(self) -> str:
+        matmul = {None: "cublas", True: "gemm_kernel", False: "onednn"}[self.cpu_gemm]
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            matmul = "torch"
+        graphs = f"on({self.cuda_graphs[0]}..{self.cuda_graphs[-1]})" if self.cuda_graphs else "off"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"device={self.device} dtype={dtype} attention={self.attention} matmul={matmul} "
+            f"fused_ops={'on' if self.fused_ops else 'off'} decoder_stack={'on' if self.decoder_stack else 'off'} "
+            f"graphs={graphs} sampler=device"
+        )
+
+
+def triton_available(device: torch.device) -> str | None:
+    """None when Triton kernels can run on `device`, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if device.type == "cpu" and runtime is not None and runtime.interpret:
+        return None  # TRITON_INTERPRET=1: the kernels run on CPU tensors (slowly), for tests
+    return "triton runs on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1)"
+
+
+def flash_attn_available(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "flash-attn runs on CUDA GPUs only"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (the GPU image builds it only with --build-arg FLASH_ATTN=1)"
+    return None
+
+
+def _cpu_attention(config: EngineConfig, dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
+    """The compiled CPU backend for this cache, or None where no kernel builds (or the config turned them off)."""
+    cpu = torch.device("cpu")
+    if not config.cpu_decode_kernel or not cpu_decode_kernel.supports(cpu, dtype):
+        return None
+    return "cpu_paired" if cpu_decode_kernel.supports_paired(cpu, dtype, head_dim, block_size) else "cpu"
+
+
+def resolve_attention(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
+) -> str:
+    requested = config.attention_backend
+    if requested is None:
+        if device.type == "cuda":
+            return "triton" if triton_available(device) is None else "torch"
+        return _cpu_attention(config, dtype, head_dim, block_size) or "torch"
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    if requested == "cpu":
+        chosen = _cpu_attention(config, dtype, head_dim, block_size) if device.type == "cpu" else None
+        if chosen is None:
+            raise ValueError(
+                f"attention backend 'cpu' (ATTENTION_BACKEND) is not available: it needs the CPU, a C compiler and "
+                f"float32 or bfloat16 (got {device.type}, {dtype})"
+            )
+        return chosen
+    why = triton_available(device) if requested == "triton" else flash_attn_available(device)
+    if why is not None:
+        raise ValueError(f"attention backend {requested!r} (ATTENTION_BACKEND) is not available: {why}")
+    return requested
+
+
+def resolve_plan(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
+) -> ExecutionPlan:
+    attention = resolve_attention(config, device, dtype, head_dim, block_size)
+    on_cpu = device.type == "cpu"
+    fused = on_cpu and config.cpu_fused_ops and cpu_fused_ops.supports(device, dtype)
+    gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
+    stack = attention == "cpu_paired" and fused and bool(gemm) and config.cpu_decoder_stack
+    graphs: tuple[int, ...] = ()
+    if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn"):
+        graphs = tuple(b for b in GRAPH_BUCKETS if b < config.max_num_seqs) + (min(config.max_num_seqs, 512),)
+        graphs = tuple(sorted(set(graphs)))
+    return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs)

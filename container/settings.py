@@ -177,6 +177,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tensor_parallel_size=shards,
         port_range=launcher.safe_port_range,
         collective_timeout_s=collective_timeout,
+        attention_backend=None if (backend := read.get("ATTENTION_BACKEND", "auto")) == "auto" else backend,
+        cuda_graphs=read.get("CUDA_GRAPHS", True),
+        gpu_memory_utilization=read.get("CUDA_MEMORY_FRACTION", 0.9),
     )
     server = dict(
         model_id=label,

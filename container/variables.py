@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import DTYPES
+from engine.config import ATTENTION_BACKENDS, DTYPES
 from serve.emf import DEFAULT_NAMESPACE
 
 
@@ -73,6 +73,13 @@ def _choice(*values: str) -> Callable[[str], str]:
     return parse
 
 
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:  # also refuses nan
+        raise ValueError(raw)
+    return value
+
+
 def _text(raw: str) -> str:
     return raw
 
@@ -128,6 +135,13 @@ VARIABLES: tuple[Variable, ...] = (
              "quantization; only `none` for now (GGUF files are dequantized on load)"),
     Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "auto", "auto: bfloat16 (float16 on GPUs "
              "without bf16)"),
+    Variable(("ATTENTION_BACKEND",), "one of auto, " + ", ".join(ATTENTION_BACKENDS), _choice("auto", *ATTENTION_BACKENDS),
+             "auto", "attention kernels; auto: triton on GPUs, the compiled kernels on CPU (the start-up log's plan "
+             "line says which ran)"),
+    Variable(("CUDA_GRAPHS",), _BOOL, _bool, "true", "GPU: replay decode steps as CUDA graphs (one per batch-size "
+             "bucket up to MAX_BATCH_SIZE)"),
+    Variable(("CUDA_MEMORY_FRACTION",), "a number in (0, 1]", _fraction, "0.9", "GPU: share of device memory for "
+             "weights, activations and the KV cache (the cache gets what a profile step leaves)"),
     Variable(("MAX_TOTAL_TOKENS",), _POSITIVE, _positive_int, "min(model context, 4096)",
              "prompt + generated tokens per request"),
     Variable(("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), _POSITIVE, _positive_int, "MAX_TOTAL_TOKENS - 1",

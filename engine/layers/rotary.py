@@ -34,14 +34,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
         super().__init__()
-        inv_freq, scaling = _inv_freq(hf_config, head_dim)
-        freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated): fewer ops per layer.
-        half = head_dim // 2
-        sin = emb.sin() * scaling
-        self.register_buffer("sin_signed", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
+        target = torch.empty(0).device  # the device the model is built on (`with device:`), meta included
+        with torch.device("cpu"):  # transformers' rope functions and the table: on the CPU, whatever the target
+            inv_freq, scaling = _inv_freq(hf_config, head_dim)
+            freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
+            cos, sin = emb.cos() * scaling, emb.sin() * scaling
+            # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated): fewer ops per layer.
+            half = head_dim // 2
+            sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.register_buffer("cos", cos.to(target), persistent=False)
+        self.register_buffer("sin_signed", sin_signed.to(target), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the step's positions [T] -> each [T, 1, D] (computed once per step)."""

@@ -172,11 +172,11 @@ class ModelRunner:
         float32, or the model's dtype where the fused CPU greedy pick reads 16-bit logits as they are."""
         if self.graphs is not None and self.graphs.can_run(step):
             return self.graphs.run(step)
-        input_ids, positions, meta = self.backend.step_tensors(step)
-        with attention_metadata(meta):
-            hidden = self.model(input_ids, positions)
+        tensors = self.backend.step_tensors(step)
+        with attention_metadata(tensors.meta):
+            hidden = self.model(tensors.input_ids, tensors.positions)
         if not step.sample_rows:
             return None
-        if len(step.sample_rows) != hidden.shape[0]:
-            hidden = hidden.index_select(0, torch.tensor(step.sample_rows, dtype=torch.long, device=self.device))
+        if tensors.sample_rows is not None:
+            hidden = hidden.index_select(0, tensors.sample_rows)
         return self.model.compute_logits(hidden, keep_dtype=self.plan.fused_ops)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 
@@ -34,6 +34,18 @@ def attention_metadata(meta: Any) -> Iterator[None]:
         yield
     finally:
         _metadata = None
+
+
+class StepTensors(NamedTuple):
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    sample_rows: torch.Tensor | None  # [N] rows whose logits are computed; None: every row, in order
+    meta: Any  # the backend's metadata
+
+
+def sample_rows(step: StepInput) -> list[int] | None:
+    """The step's sampling rows, or None when they are every row in order (decode-only steps)."""
+    return None if step.sample_rows == list(range(step.num_tokens)) else step.sample_rows
 
 
 class AttentionBackend(abc.ABC):
@@ -63,11 +75,13 @@ class AttentionBackend(abc.ABC):
     def build_metadata(self, step: StepInput) -> Any:
         """This backend's metadata for one step, on its device."""
 
-    def step_tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(input_ids [T], positions [T], metadata) on the device."""
+    def step_tensors(self, step: StepInput) -> StepTensors:
+        """The step's inputs and this backend's metadata, on the device."""
         ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
-        return ids, positions, self.build_metadata(step)
+        rows = sample_rows(step)
+        index = None if rows is None else torch.tensor(rows, dtype=torch.long, device=self.device)
+        return StepTensors(ids, positions, index, self.build_metadata(step))
 
     @abc.abstractmethod
     def write_kv(self, layer: Attention, k: torch.Tensor, v: torch.Tensor, meta: Any) -> None:

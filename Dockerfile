@@ -1,12 +1,16 @@
 # The serving image, as SageMaker runs it (`docker run IMAGE serve`). One file, two variants; BuildKit (the default
 # builder since Docker 23) builds only the stages the selected variant needs:
-#   docker build -t sagemaker-llm-server:gpu .                           CUDA runtime, CUDA torch, flash-attn
+#   docker build -t sagemaker-llm-server:gpu .                           CUDA runtime, CUDA torch (+ Triton)
+#   docker build -t sagemaker-llm-server:gpu --build-arg FLASH_ATTN=1 .  the same plus flash-attn (a long build)
 #   docker build -t sagemaker-llm-server:cpu --build-arg VARIANT=cpu .   slim Python, CPU torch (local testing)
 # torch's version comes from constraints.txt. For the GPU variant CUDA_VERSION and TORCH_INDEX_URL must name the same
 # CUDA release, one that torch publishes wheels for (README, "The container image"). hadolint: DL3008 (apt version
 # pins) is waived, the base images' distributions move under any pin; DL3006 is waived for `FROM base-${VARIANT}`,
 # a stage of this file, not an image to tag.
 ARG VARIANT=gpu
+# 1: build flash-attn into the GPU image (ATTENTION_BACKEND=flash_attn). Off by default: Triton, which ships with
+# CUDA torch, runs the paged attention, and flash-attn compiles for hours where no prebuilt wheel matches.
+ARG FLASH_ATTN=0
 ARG CUDA_VERSION=12.8.1
 ARG UBUNTU_VERSION=24.04
 ARG CPU_BASE_IMAGE=python:3.11-slim
@@ -31,8 +35,8 @@ RUN python3 -m venv /opt/venv \
     && MAX_JOBS="${MAX_JOBS}" FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}" \
        pip wheel --no-cache-dir --no-build-isolation --no-deps -w /wheels "flash-attn==${FLASH_ATTN_VERSION}"
 
-# ---- GPU base: CUDA runtime, Python from Ubuntu, CUDA torch, flash-attn (the project's `gpu` extra) -----------------
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS base-gpu
+# ---- GPU base: CUDA runtime, Python from Ubuntu, CUDA torch (Triton comes with it) ---------------------------------
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS base-gpu-flash0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -40,11 +44,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 COPY constraints.txt /tmp/constraints.txt
-COPY --from=flash-attn-wheel /wheels /tmp/wheels
 RUN python3 -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -c /tmp/constraints.txt torch \
-    && pip install --no-cache-dir -c /tmp/constraints.txt /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -c /tmp/constraints.txt torch
+
+# ---- GPU base with flash-attn (FLASH_ATTN=1; only then is the flash-attn-wheel stage built) -------------------------
+FROM base-gpu-flash0 AS base-gpu-flash1
+COPY --from=flash-attn-wheel /wheels /tmp/wheels
+RUN pip install --no-cache-dir -c /tmp/constraints.txt /tmp/wheels/*.whl && rm -rf /tmp/wheels
+
+# hadolint ignore=DL3006
+FROM base-gpu-flash${FLASH_ATTN} AS base-gpu
 
 # ---- CPU base: slim Python, CPU torch ------------------------------------------------------------------------------
 FROM ${CPU_BASE_IMAGE} AS base-cpu

@@ -228,6 +228,15 @@ def print_table(results: list[RunResult]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu")
+    known, rest = pre.parse_known_args(argv)
+    if known.device != "cpu":  # the GPU benchmark: a random Llama-shaped model against transformers on the GPU
+        from engine import gpu_benchmark
+
+        gpu_benchmark.main(["--device", known.device, *rest])
+        return
+    argv = rest
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per request (default 128; quick 16)")
     ap.add_argument("--concurrency", default=None, help="comma list of levels (default 1,8,32; quick 1,4)")

@@ -76,11 +76,16 @@ def test_variants() -> None:
     found = stages()
     args = dict(a.split("=", 1) for k, a in instructions() if k == "ARG" and "=" in a)
     assert args["VARIANT"] == "gpu" and args["CPU_BASE_IMAGE"] == "python:3.11-slim"
-    cpu, gpu = found["base-cpu"], found["base-gpu"]
+    cpu, gpu, flash = found["base-cpu"], found["base-gpu-flash0"], found["base-gpu-flash1"]
     assert cpu[0] == ("FROM", "${CPU_BASE_IMAGE} AS base-cpu")
     assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in cpu
     assert gpu[0][1].startswith("nvidia/cuda:${CUDA_VERSION}-runtime-")
-    assert any("--from=flash-attn-wheel" in a for k, a in gpu if k == "COPY")
+    # flash-attn is opt-in: only the FLASH_ATTN=1 stage copies the wheel, so only then is it built (BuildKit)
+    assert args["FLASH_ATTN"] == "0"
+    assert found["base-gpu"][0] == ("FROM", "base-gpu-flash${FLASH_ATTN} AS base-gpu")
+    assert flash[0] == ("FROM", "base-gpu-flash0 AS base-gpu-flash1")
+    assert any("--from=flash-attn-wheel" in a for k, a in flash if k == "COPY")
+    assert not any("flash-attn" in a for k, a in gpu)
     for stage in (cpu, gpu):  # torch's version is the one constraints.txt pins
         assert any(
             k == "RUN" and '--index-url "${TORCH_INDEX_URL}" -c /tmp/constraints.txt torch' in a for k, a in stage

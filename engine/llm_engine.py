@@ -246,23 +246,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "error")
         self._requests.pop(seq.request_id, None)
         req.metrics.finished_time = time.monotonic()
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids),
-            text=req.matcher.text[: req.matcher.emitted],
-            new_token_ids=[],
-            new_text="",
-            new_logprobs=[],
-            new_top_tokens=[],
-            logprobs=list(req.logprobs),
-            top_tokens=list(req.top_tokens),
-            finished=True,
-            finish_reason="error",
-            seed=req.seed,
-            metrics=req.metrics,
-            error=message,
-        )
+        return self._output(req, [], "", [], [], "error", error=message)
 
     def _process(self, req: _Request, sample: SampleOutput, now: float) -> RequestOutput:
         seq, m = req.seq, req.metrics
@@ -283,22 +267,39 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             m.finished_time = now
             del self._requests[seq.request_id]
-        return RequestOutput(
+        return self._output(req, [sample.token_id], new_text, [sample.logprob], [sample.top_tokens], reason)
+
+    def _output(
+        self,
+        req: _Request,
+        ids: list[int],
+        text: str,
+        logprobs: list[float],
+        tops: list[list[tuple[int, float]]],
+        reason: str | None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        """This step's delta; the final one also carries the whole output (built once, at the end)."""
+        seq = req.seq
+        out = RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids),  # snapshots: later steps must not change them
-            text=req.matcher.text[: req.matcher.emitted],
-            new_token_ids=[sample.token_id],
-            new_text=new_text,
-            new_logprobs=[sample.logprob],
-            new_top_tokens=[sample.top_tokens],
-            logprobs=list(req.logprobs),
-            top_tokens=list(req.top_tokens),
+            new_token_ids=ids,
+            new_text=text,
+            new_logprobs=logprobs,
+            new_top_tokens=tops,
+            num_generated_tokens=seq.num_output_tokens,
             finished=reason is not None,
             finish_reason=reason,
             seed=req.seed,
-            metrics=m,
+            metrics=req.metrics,
+            error=error,
         )
+        if out.finished:
+            out.prompt_token_ids = seq.prompt_token_ids
+            out.token_ids = list(seq.output_token_ids)
+            out.text = req.matcher.text[: req.matcher.emitted]
+            out.logprobs, out.top_tokens = req.logprobs, req.top_tokens
+        return out
 
 
 def _checked(sample: SampleOutput) -> SampleOutput:

@@ -146,7 +146,7 @@ def token_event(request: GenerateRequest, added_wall: float, out: RequestOutput)
             "first_token": transit + first_token - m.arrival_time,
             "inference": inference,
             "total": transit + m.finished_time - m.arrival_time,
-            "time_per_token": inference / max(1, len(out.token_ids)),
+            "time_per_token": inference / max(1, out.num_generated_tokens),
         }
     return TokenEvent(
         request_id=request.request_id,
@@ -157,7 +157,7 @@ def token_event(request: GenerateRequest, added_wall: float, out: RequestOutput)
         finished=out.finished,
         finish_reason=out.finish_reason,
         generated_text=out.text if out.finished else None,
-        num_generated_tokens=len(out.token_ids),
+        num_generated_tokens=out.num_generated_tokens,
         seed=out.seed,
         timings=timings,
     )

@@ -101,3 +101,36 @@ def test_the_engine_loop_runs_on_device(engines: Engines) -> None:
     outs = [o for o in run_to_completion(llm) if o.finished]
     assert len(outs) == len(LENGTHS) and all(o.finish_reason in ("length", "eos_token") for o in outs)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_step_never_waits_on_the_device(graphs: bool, engines: Engines) -> None:
+    """The forward pass and the sampler queue work without a host sync (no .item(), .tolist(), pageable copies):
+    CUDA's sync debug mode raises on any; the sampler's one device->host copy at the end is the only sync."""
+    from engine.sampler import SamplingRequest
+
+    llm = engines(MODEL, device="cuda", block_size=16, max_num_seqs=16, cuda_graphs=graphs)
+    engine = llm.engine
+    for p in _prompts()[:4]:
+        engine.add_request(p, SamplingParams(max_new_tokens=8, do_sample=True, top_p=0.9, repetition_penalty=1.1))
+    engine.step()  # the prefill
+    batch = engine.scheduler.schedule()
+    step = engine.runner.prepare(batch)
+    assert step.is_decode_only
+    rows = [SamplingRequest(i.seq.sampling_params, i.seq.all_token_ids, torch.Generator("cuda")) for i in batch.decodes]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = engine.runner.run(step)
+        engine.sampler._process(logits.float(), _rows(engine, rows, logits))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    engine.scheduler.abandon(batch)
+    for rid in list(engine._requests):
+        engine.abort_request(rid)
+
+
+def _rows(engine, rows, logits):
+    from engine.sampler import _Rows
+
+    return _Rows.build(list(range(len(rows))), rows, logits.shape[1], logits.device)

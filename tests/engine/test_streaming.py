@@ -36,7 +36,7 @@ def test_pieces_join_to_final_text_for_interleaved_requests(
         final = {}
         for out in run_to_completion(llm):
             pieces[out.request_id].append(out.new_text)
-            assert out.text == "".join(pieces[out.request_id])  # `text` is always the pieces so far
+            assert (out.text is None) != out.finished  # the whole text comes once, on the final output
             if out.finished:
                 final[out.request_id] = out
         for rid, prompt in zip(ids, prompts):
@@ -82,14 +82,21 @@ def test_text_ending_in_an_incomplete_character_is_flushed(engines: Engines, tok
         assert "".join(o.new_text for o in outs) == final.text == decoded
 
 
-def test_each_output_is_a_snapshot_of_its_step(engines: Engines) -> None:
-    """An output describes the request as of its step: later steps must not change what it holds."""
+def test_each_output_is_a_delta_of_its_step(engines: Engines) -> None:
+    """An output holds only what its step produced (no copy grows with the output); the deltas join to the whole
+    output, which the final one carries once."""
     llm = engines("llama_gqa")
     rid = llm.engine.add_request(random_prompt(7, seed=450), greedy(6, top_n_tokens=2))
     outs = [o for o in run_to_completion(llm) if o.request_id == rid]
     assert len(outs) == 6
+    final = outs[-1]
     for step, out in enumerate(outs, start=1):
-        assert out.token_ids == outs[-1].token_ids[:step], f"step {step}"
-        assert len(out.logprobs) == len(out.top_tokens) == step, f"step {step}"
-        assert out.new_token_ids == [out.token_ids[-1]]
-        assert out.finished == (step == 6)
+        assert len(out.new_token_ids) == len(out.new_logprobs) == len(out.new_top_tokens) == 1, f"step {step}"
+        assert out.num_generated_tokens == step and out.finished == (step == 6)
+        if not out.finished:
+            assert out.token_ids is None and out.text is None and out.logprobs is None
+    assert [t for o in outs for t in o.new_token_ids] == final.token_ids
+    assert [lp for o in outs for lp in o.new_logprobs] == final.logprobs
+    assert [tt for o in outs for tt in o.new_top_tokens] == final.top_tokens
+    assert "".join(o.new_text for o in outs) == final.text
+    assert final.prompt_token_ids == random_prompt(7, seed=450)

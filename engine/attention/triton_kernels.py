@@ -223,8 +223,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Paged attention of one flattened batch (decode rows and prefill chunks); see paged_attention_reference for
     the exact semantics. q, out [T, H, D] (rows may be strided, heads contiguous); block_tables [S, max_blocks]
-    int32; seq_lens [S] int32; query_start_loc [S+1] int32. The grid is (S, Hkv, cdiv(max_query_len, block_q)):
-    it depends on no tensor's contents, so a decode step with a fixed padded S can be captured in a CUDA graph.
+    int32; seq_lens [S] int32; query_start_loc [S+1] int32; max_query_len >= every q_len. The grid is
+    (S, Hkv, cdiv(max_query_len, block_q)): it depends on no tensor's contents, so a decode step with a fixed
+    padded S can be captured in a CUDA graph.
     num_kv_splits > 1 (decode-only batches, max_query_len 1; see choose_num_kv_splits) splits each sequence's
     keys over that many programs, grid (S, Hkv, num_kv_splits), and merges the parts in a second kernel."""
     num_seqs = seq_lens.shape[0]
@@ -240,6 +241,8 @@ def paged_attention(
         raise ValueError(f"paged_attention: block_size {block_size} is not a power of two >= 16")
     if alibi_slopes is not None and alibi_slopes.shape != (num_heads,):
         raise ValueError(f"paged_attention: alibi_slopes {tuple(alibi_slopes.shape)} != ({num_heads},)")
+    if (sliding_window is not None and sliding_window < 1) or (softcap is not None and not softcap > 0):
+        raise ValueError(f"paged_attention: sliding_window {sliding_window} and softcap {softcap} must be positive")
     if not 1 <= num_kv_splits <= MAX_KV_SPLITS or (num_kv_splits > 1 and max_query_len > 1):
         raise ValueError(f"paged_attention: num_kv_splits {num_kv_splits} needs a decode-only batch, at most "
                          f"{MAX_KV_SPLITS}")  # fmt: skip

@@ -109,5 +109,9 @@ def test_bad_shapes_raise(kernels: ModuleType, device: torch.device) -> None:
     with pytest.raises(ValueError, match="power of two"):
         k_cache = torch.empty(4, 24, 2, 64, device=device)
         kernels.paged_attention(out=out, **{**case, "k_cache": k_cache, "v_cache": k_cache})
+    with pytest.raises(ValueError, match="positive"):
+        kernels.paged_attention(out=out, **case, softcap=0.0)
+    with pytest.raises(ValueError, match="positive"):
+        kernels.paged_attention(out=out, **case, sliding_window=0)
     with pytest.raises(ValueError, match="alibi"):
         kernels.paged_attention(out=out, **case, alibi_slopes=torch.ones(3, device=device))

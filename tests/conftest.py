@@ -1,9 +1,11 @@
 """Fixtures for every test directory: portable builds of the compiled CPU kernels (csrc/), to hold their
-vector-extension paths (what runs without avx512_bf16, on any x86-64 or ARM gcc) to the native builds."""
+vector-extension paths (what runs without avx512_bf16, on any x86-64 or ARM gcc) to the native builds. Without a
+GPU, Triton kernels run in Triton's interpreter (set here, before anything imports triton)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import shutil
 import subprocess
@@ -11,8 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.layers.cpu_build import _FAST_MATH, CSRC
+
+# Triton picks interpreter or compiler when a @triton.jit decorator runs, its own library's at `import triton`,
+# which transformers' models already cause (through torch._dynamo): so the choice is made here, first, for the
+# whole test process. The ahead-of-time compile test compiles in a child process without it.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def rotary_(
     `positions` [T]."""
     if x.stride(-1) != 1 or head_dim % 2:
         raise ValueError("rotary_ needs unit-stride rows and an even head_dim")
-    pos = positions.contiguous()
+    pos = positions.to(torch.int64).contiguous()  # the kernel reads int64 (Triton's step inputs are int32)
     _fn("rotary", x.dtype)(
         x.data_ptr(), x.stride(0), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, head_dim,
         torch.get_num_threads(),

@@ -25,6 +25,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.faults import RequestFault, is_device_fault
 from engine.model_runner import ModelRunner
 from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model
+from engine.models import context_length
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.parallel_config import resolve_parallel_config
 from engine.sampler import SampleOutput, Sampler, SamplingRequest
@@ -59,8 +60,8 @@ class LLMEngine:
         self.hf_config = load_hf_config(self.files, config.trust_remote_code)
         self.tokenizer = load_tokenizer(self.files, config.trust_remote_code)
         self.eos_token_ids = eos_token_ids(self.files, self.hf_config)
-        model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.model_context = context_length(self.hf_config)  # the model's own; max_model_len may cap it
+        self.max_model_len = min(config.max_model_len or self.model_context, self.model_context)
         self.parallel = resolve_parallel_config(config, self.hf_config)
         self.tp_group: TensorParallelGroup | None = None
         self.runner = self._start_ranks()

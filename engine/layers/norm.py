@@ -1,11 +1,13 @@
-"""RMSNorm, computed in float32 as transformers does, with an optional fused residual add.
+"""Norms: RMSNorm, computed in float32 as transformers does, with an optional fused residual add; Gemma's (1 + w)
+RMSNorm; LayerNorm.
 
-With `fused` set (CPU, see cpu_fused_ops.py) the add and the norm run as one compiled pass that updates the
+With `fused` set (CPU, see cpu_fused_ops.py) the RMSNorm add and norm run as one compiled pass that updates the
 residual in place; the torch code below is its twin."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.layers import cpu_fused_ops
@@ -35,3 +37,30 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: scaled by (1 + weight), the product taken in float32 before casting back."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim (as torch's nn.LayerNorm), with or without a bias."""
+
+    def __init__(self, hidden_size: int, eps: float, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

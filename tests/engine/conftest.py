@@ -26,6 +26,8 @@ from transformers import (
 
 from engine import LLM, RequestOutput, SamplingParams
 
+from .family_models import FAMILY_SPECS, FamilySpec
+
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -148,13 +150,16 @@ class TinyModels:
         self.tokenizer = train_tokenizer()
         self._paths: dict[str, Path] = {}
 
-    def __call__(self, name: str, spec: TinySpec | None = None) -> Path:
+    def __call__(self, name: str, spec: TinySpec | FamilySpec | None = None) -> Path:
         if name in self._paths:
             return self._paths[name]
         spec = spec or SPECS[name]
         path = self.root / name
-        model = _build_model(spec, len(self.tokenizer))
-        if spec.craft is not None:
+        if isinstance(spec, FamilySpec):
+            model = spec.build(len(self.tokenizer))
+        else:
+            model = _build_model(spec, len(self.tokenizer))
+        if isinstance(spec, TinySpec) and spec.craft is not None:
             with torch.no_grad():
                 spec.craft(model, self.tokenizer)
         model.save_pretrained(path, safe_serialization=True)
@@ -194,7 +199,7 @@ def craft_byte_chain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast)
         head[successor] = 2.0 * basis[:, i]  # logit = 2 * rms-normalised dot = 2 * sqrt(hidden) = 16
 
 
-SPECS: dict[str, TinySpec] = {
+SPECS: dict[str, TinySpec | FamilySpec] = {
     "llama_gqa": TinySpec(arch="llama", num_attention_heads=4, num_key_value_heads=2, seed=2),
     "qwen2": TinySpec(arch="qwen2", num_attention_heads=4, num_key_value_heads=2, seed=7),
     "llama_tied": TinySpec(
@@ -207,6 +212,7 @@ SPECS: dict[str, TinySpec] = {
     ),
     "byte_chain": TinySpec(arch="llama", num_hidden_layers=1, seed=4, craft=craft_byte_chain),
 }
+SPECS.update(FAMILY_SPECS)  # the other native families (family_models.py)
 ORACLE_CONFIGS = ("llama_gqa", "qwen2", "llama_tied")
 
 

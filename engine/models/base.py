@@ -53,6 +53,7 @@ class CausalLM(nn.Module):
     # checkpoint module name -> (packed parameter module name, shard id)
     packed_modules: dict[str, tuple[str, str | int]] = {}
     ignored = re.compile(r".*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias|\.attn\.bias)$")
+    base_prefix = "model"  # the backbone's module name: prefixed to checkpoint names saved without it
     lm_head: ParallelLMHead
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
@@ -113,6 +114,8 @@ class CausalLM(nn.Module):
             name = self.rename(ckpt_name)
             if name is None or self.ignored.fullmatch(name):
                 continue
+            if not name.startswith((f"{self.base_prefix}.", "lm_head.")):
+                name = f"{self.base_prefix}.{name}"  # e.g. BLOOM's hub checkpoints: "h.0...", "word_embeddings..."
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             pname, shard = self._target(name)

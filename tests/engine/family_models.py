@@ -24,6 +24,7 @@ class FamilySpec:
     seed: int = 0
     seq2seq: bool = False
     tp: bool = True  # the tensor-parallel test runs it at 2 ranks
+    embed_scale: float = 1.0  # shrink the (tied) embeddings where they would drown the layers' output
 
     def build(self, vocab_size: int) -> PreTrainedModel:
         kw = dict(
@@ -35,6 +36,7 @@ class FamilySpec:
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         model = auto.from_config(cfg, dtype=torch.float32)
         with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(self.embed_scale)
             for name, p in model.named_parameters():
                 if name.endswith(".bias"):
                     p.normal_(0.0, 0.2)
@@ -48,6 +50,10 @@ LLAMA_LIKE = dict(
     max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
 )  # fmt: skip
 MOE = dict(LLAMA_LIKE, num_experts_per_tok=2)
+LAYERNORM = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+    tie_word_embeddings=False,
+)  # fmt: skip
 WINDOW = 16  # shorter than most test prompts
 
 FAMILY_SPECS: dict[str, FamilySpec] = {
@@ -71,4 +77,51 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
     "qwen3_moe": FamilySpec(
         "qwen3_moe", dict(MOE, head_dim=16, num_experts=4, moe_intermediate_size=64, norm_topk_prob=True), seed=26
     ),
+    # Phi-3: fused qkv / gate_up checkpoints, partial rotary, a window on every layer
+    "phi3": FamilySpec("phi3", dict(LLAMA_LIKE, partial_rotary_factor=0.5, sliding_window=WINDOW), seed=27),
+    # GPT-NeoX: parallel residual, partial rotary (rotary_pct), fused qkv per head
+    "gpt_neox": FamilySpec("gpt_neox", dict(LAYERNORM, rotary_pct=0.25, use_parallel_residual=True), seed=28),
+    # StableLM: partial rotary, per-head qk LayerNorm, parallel residual, qkv bias
+    "stablelm": FamilySpec(
+        "stablelm",
+        dict(LAYERNORM, num_key_value_heads=2, partial_rotary_factor=0.5, qk_layernorm=True, use_parallel_residual=True,
+             use_qkv_bias=True),
+        seed=29,
+    ),  # fmt: skip
+    # StarCoder: multi-query attention, learned absolute positions
+    "gpt_bigcode": FamilySpec(
+        "gpt_bigcode", dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=512, multi_query=True), seed=30
+    ),
+    # StarCoder2: GQA, biases, a window, LayerNorm
+    "starcoder2": FamilySpec("starcoder2", dict(LAYERNORM, num_key_value_heads=2, sliding_window=WINDOW), seed=31),
+    # Falcon: the new decoder architecture (grouped qkv, two norms), rotary
+    "falcon": FamilySpec(
+        "falcon",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+             ffn_hidden_size=128, bias=True, max_position_embeddings=512),
+        seed=32,
+    ),  # fmt: skip
+    # Falcon-7B style with ALiBi: multi-query, one norm, parallel attention (contexts < 256: see test notes)
+    "falcon_alibi": FamilySpec(
+        "falcon",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=True,
+             parallel_attn=True, ffn_hidden_size=128, bias=False),
+        seed=33,
+    ),  # fmt: skip
+    # BLOOM: ALiBi (6 heads: not a power of two), embedding LayerNorm, fused qkv per head
+    "bloom": FamilySpec("bloom", dict(hidden_size=96, n_layer=2, n_head=6, initializer_range=0.5), seed=34),
+    # Gemma 2: soft-capping (attention and final), windows on alternate layers, (1 + w) norms, GeGLU
+    "gemma2": FamilySpec(
+        "gemma2",
+        dict(LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, attn_logit_softcapping=5.0,
+             final_logit_softcapping=3.0, tie_word_embeddings=True),
+        seed=35, embed_scale=0.1,
+    ),  # fmt: skip
+    # Gemma 3: q/k norms, local / global rope bases per layer type, windows on alternate layers
+    "gemma3": FamilySpec(
+        "gemma3_text",
+        dict(LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, tie_word_embeddings=True,
+             layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0),
+        seed=36, embed_scale=0.1,
+    ),  # fmt: skip
 }

@@ -59,7 +59,8 @@ WINDOW = 16  # shorter than most test prompts
 FAMILY_SPECS: dict[str, FamilySpec] = {
     # Qwen3: q/k RMSNorm; layer 1 windowed (use_sliding_window from max_window_layers on)
     "qwen3": FamilySpec(
-        "qwen3", dict(LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "qwen3",
+        dict(LLAMA_LIKE, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
         seed=21,
     ),
     # Mistral v0.1's window on every layer; Qwen2's use_sliding_window on the layers past max_window_layers
@@ -84,8 +85,14 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
     # StableLM: partial rotary, per-head qk LayerNorm, parallel residual, qkv bias
     "stablelm": FamilySpec(
         "stablelm",
-        dict(LAYERNORM, num_key_value_heads=2, partial_rotary_factor=0.5, qk_layernorm=True, use_parallel_residual=True,
-             use_qkv_bias=True),
+        dict(
+            LAYERNORM,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.5,
+            qk_layernorm=True,
+            use_parallel_residual=True,
+            use_qkv_bias=True,
+        ),
         seed=29,
     ),  # fmt: skip
     # StarCoder: multi-query attention, learned absolute positions
@@ -97,15 +104,31 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
     # Falcon: the new decoder architecture (grouped qkv, two norms), rotary
     "falcon": FamilySpec(
         "falcon",
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
-             ffn_hidden_size=128, bias=True, max_position_embeddings=512),
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            ffn_hidden_size=128,
+            bias=True,
+            max_position_embeddings=512,
+        ),
         seed=32,
     ),  # fmt: skip
     # Falcon-7B style with ALiBi: multi-query, one norm, parallel attention (contexts < 256: see test notes)
     "falcon_alibi": FamilySpec(
         "falcon",
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=True,
-             parallel_attn=True, ffn_hidden_size=128, bias=False),
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            multi_query=True,
+            alibi=True,
+            parallel_attn=True,
+            ffn_hidden_size=128,
+            bias=False,
+        ),
         seed=33,
     ),  # fmt: skip
     # BLOOM: ALiBi (6 heads: not a power of two), embedding LayerNorm, fused qkv per head
@@ -113,15 +136,31 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
     # Gemma 2: soft-capping (attention and final), windows on alternate layers, (1 + w) norms, GeGLU
     "gemma2": FamilySpec(
         "gemma2",
-        dict(LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, attn_logit_softcapping=5.0,
-             final_logit_softcapping=3.0, tie_word_embeddings=True),
-        seed=35, embed_scale=0.1,
+        dict(
+            LLAMA_LIKE,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+            tie_word_embeddings=True,
+        ),
+        seed=35,
+        embed_scale=0.1,
     ),  # fmt: skip
     # Gemma 3: q/k norms, local / global rope bases per layer type, windows on alternate layers
     "gemma3": FamilySpec(
         "gemma3_text",
-        dict(LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, tie_word_embeddings=True,
-             layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=100.0),
-        seed=36, embed_scale=0.1,
+        dict(
+            LLAMA_LIKE,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            tie_word_embeddings=True,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_local_base_freq=100.0,
+        ),
+        seed=36,
+        embed_scale=0.1,
     ),  # fmt: skip
 }

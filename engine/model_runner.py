@@ -76,7 +76,8 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache()
         # CPU bf16 with every compiled path: the decoder layers run as one compiled call per step, where they can.
         stack = plan.decoder_stack and model.use_decoder_stack()
-        self.plan: ExecutionPlan = dataclasses.replace(plan, decoder_stack=stack)
+        graphs = plan.cuda_graphs if getattr(model, "cuda_graphs", True) else ()  # the model may rule them out
+        self.plan: ExecutionPlan = dataclasses.replace(plan, decoder_stack=stack, cuda_graphs=graphs)
         self.graphs = None
         if self.plan.cuda_graphs:
             from engine.cuda_graphs import CudaGraphRunner

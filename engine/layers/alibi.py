@@ -11,7 +11,13 @@ from engine.parallel import get_parallel_state
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """float32 [num_heads]: a geometric sequence from 2^(-8/n) for the nearest power of two n, the remaining heads
-    interleaved from the next power's sequence (as transformers builds them)."""
+    interleaved from the next power's sequence (as transformers builds them). Built on the CPU whatever device the
+    model is built on: Attention.bind moves them to the cache's."""
+    with torch.device("cpu"):
+        return _slopes(num_heads)
+
+
+def _slopes(num_heads: int) -> torch.Tensor:
     closest = 2 ** math.floor(math.log2(num_heads))
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
     slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))

@@ -9,6 +9,8 @@ A `StepRotary` holds one step's positions and rotates each layer's q and k heads
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -49,12 +51,15 @@ def rope_angles(
         return positions[:, None] * _default_inv_freq(params, hf_config, head_dim)[None, :], 1.0
     init = _init_fn(rope_type)
     cpu = torch.device("cpu")
+    if getattr(hf_config, "head_dim", None) is None:  # some configs (Mixtral) hold head_dim = None: the rope needs it
+        hf_config = copy.copy(hf_config)
+        hf_config.head_dim = head_dim
     inv_freq, scaling = init(hf_config, cpu, **kw)
     angles = positions[:, None] * inv_freq.float()[None, :]
     if rope_type == "dynamic":  # NTK base grows with the sequence: row p is for p + 1 tokens
         original = int(hf_config.max_position_embeddings)
-        for p in range(original, max_position):
-            angles[p] = p * init(hf_config, cpu, seq_len=p + 1, **kw)[0].float()
+        for p in range(original, max_position):  # seq_len as transformers passes it: an int64 tensor (float32 math)
+            angles[p] = p * init(hf_config, cpu, seq_len=torch.tensor(p + 1), **kw)[0].float()
     elif rope_type == "longrope":  # the long factors once the sequence outgrows the original context
         original = int(params["original_max_position_embeddings"])
         if max_position > original:

@@ -57,6 +57,7 @@ class CausalLM(nn.Module):
     lm_head: ParallelLMHead
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
+    cuda_graphs: bool = True  # decode steps may be captured as CUDA graphs (no host syncs in the forward pass)
 
     @classmethod
     def tp_shape(cls, cfg) -> tuple[int, int, int]:

@@ -79,7 +79,9 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg, max_position: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.normalizer = float(cfg.hidden_size**0.5)  # cast to the weights' dtype, as transformers does
+        # sqrt(hidden) rounded to the weights' dtype, as transformers scales (a plain float: CUDA-graph safe)
+        scale = torch.tensor(cfg.hidden_size**0.5, dtype=torch.float32, device="cpu")
+        self.normalizer = float(scale.to(torch.get_default_dtype()))
         hd = head_dim_of(cfg)
         per_type = cfg.model_type == "gemma3_text"  # Gemma 3: rope parameters per layer type
         types = sorted({_layer_type(cfg, i) for i in range(cfg.num_hidden_layers)})
@@ -91,7 +93,7 @@ class GemmaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        x = x * torch.tensor(self.normalizer, dtype=torch.float32).to(x.dtype)
+        x = x * self.normalizer
         ropes = {t: r.for_step(positions, x.dtype) for t, r in self.rotary.items()}
         for layer in self.layers:
             x = layer(ropes[layer.layer_type], x)

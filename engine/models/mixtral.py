@@ -36,6 +36,7 @@ class MixtralModel(LlamaModel):
 class MixtralForCausalLM(LlamaForCausalLM):
     model_cls = MixtralModel
     decoder_stack = False
+    cuda_graphs = False  # expert routing reads its per-expert row counts on the host
 
     def rename(self, name: str) -> str | None:
         return name.replace(".block_sparse_moe.", ".mlp.")

@@ -65,6 +65,7 @@ class Qwen3MoeModel(LlamaModel):
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
     model_cls = Qwen2MoeModel
     decoder_stack = False
+    cuda_graphs = False  # expert routing reads its per-expert row counts on the host
 
     @classmethod
     def tp_shape(cls, cfg) -> tuple[int, int, int]:

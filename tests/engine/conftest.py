@@ -26,7 +26,7 @@ from transformers import (
 
 from engine import LLM, RequestOutput, SamplingParams
 
-from .family_models import FAMILY_SPECS, FamilySpec
+from .family_models import FAMILY_SPECS, ROPE_SPECS, FamilySpec
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (
@@ -213,6 +213,7 @@ SPECS: dict[str, TinySpec | FamilySpec] = {
     "byte_chain": TinySpec(arch="llama", num_hidden_layers=1, seed=4, craft=craft_byte_chain),
 }
 SPECS.update(FAMILY_SPECS)  # the other native families (family_models.py)
+SPECS.update(ROPE_SPECS)
 ORACLE_CONFIGS = ("llama_gqa", "qwen2", "llama_tied")
 
 

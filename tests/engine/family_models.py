@@ -164,3 +164,29 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         embed_scale=0.1,
     ),  # fmt: skip
 }
+
+# Llama with each rope scaling type, its original context (32) shorter than the tests' contexts
+_HALF = 8  # head_dim / 2
+ROPE_SCALINGS = {
+    "linear": ({"rope_type": "linear", "factor": 2.0}, 32),
+    "dynamic": ({"rope_type": "dynamic", "factor": 2.0}, 32),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    "llama3": (
+        {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 32},
+        128,
+    ),
+    "longrope": (
+        {"rope_type": "longrope", "short_factor": [1.0 + i / 16 for i in range(_HALF)],
+         "long_factor": [1.5 + i for i in range(_HALF)], "original_max_position_embeddings": 32},
+        128,
+    ),
+}  # fmt: skip
+ROPE_SPECS: dict[str, FamilySpec] = {
+    f"rope_{kind}": FamilySpec(
+        "llama",
+        dict(LLAMA_LIKE, max_position_embeddings=context, rope_parameters={"rope_theta": 10000.0, **params}),
+        seed=40 + i,
+    )
+    for i, (kind, (params, context)) in enumerate(ROPE_SCALINGS.items())
+}

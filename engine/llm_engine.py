@@ -24,7 +24,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.faults import RequestFault, is_device_fault
 from engine.model_runner import ModelRunner
-from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model
+from engine.model_source import decoder_start_token_id, eos_token_ids, load_hf_config, load_tokenizer, resolve_model
 from engine.models import context_length
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.parallel_config import resolve_parallel_config
@@ -65,8 +65,14 @@ class LLMEngine:
         self.parallel = resolve_parallel_config(config, self.hf_config)
         self.tp_group: TensorParallelGroup | None = None
         self.runner = self._start_ranks()
+        # Encoder-decoder: the prompt feeds the encoder; the decoder starts from one start token. Its K/V depend on
+        # the encoder output, so decoder blocks are never shared between requests (no prefix caching).
+        self.encoder_decoder = bool(getattr(self.hf_config, "is_encoder_decoder", False))
+        self.decoder_start = decoder_start_token_id(self.files, self.hf_config) if self.encoder_decoder else None
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=config.enable_prefix_caching
+            self.runner.num_blocks,
+            self.runner.block_size,
+            enable_prefix_caching=config.enable_prefix_caching and not self.encoder_decoder,
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
@@ -141,8 +147,11 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        encoder_ids = None
+        if self.encoder_decoder:
+            encoder_ids, ids = ids, [self.decoder_start]
         max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
-        seq = Sequence(request_id, ids, max_new, params)
+        seq = Sequence(request_id, ids, max_new, params, encoder_token_ids=encoder_ids)
         self.scheduler.add(seq)  # may raise: the request could never fit in the KV cache
         seed = generator = None
         if not params.greedy:
@@ -166,6 +175,7 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.abort(request_id)
+        self.runner.release(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -246,10 +256,11 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.finish(seq, "error")
         self._requests.pop(seq.request_id, None)
+        self.runner.release(seq.request_id)
         req.metrics.finished_time = time.monotonic()
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
+            prompt_token_ids=seq.encoder_token_ids or seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids),
             text=req.matcher.text[: req.matcher.emitted],
             new_token_ids=[],
@@ -284,9 +295,10 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             m.finished_time = now
             del self._requests[seq.request_id]
+            self.runner.release(seq.request_id)
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
+            prompt_token_ids=seq.encoder_token_ids or seq.prompt_token_ids,
             token_ids=list(seq.output_token_ids),  # snapshots: later steps must not change them
             text=req.matcher.text[: req.matcher.emitted],
             new_token_ids=[sample.token_id],

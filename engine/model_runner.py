@@ -66,8 +66,14 @@ class ModelRunner:
         if plan.fused_ops:  # norms, activations, rotary and greedy picks as compiled passes
             model.use_fused_cpu_ops()
         self.model = model.eval()
+        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+        self._released: list[str] = []  # encoder-decoder: requests to forget at the next step
         self.backend = create_backend(plan, self.block_size)
         unsupported = {o for layer in layers for o in layer.option_names} - self.backend.options
+        if unsupported and config.attention_backend is None:  # auto: the torch twin computes every option
+            logger.info("attention: %s needs %s; the torch backend runs it", plan.attention, ", ".join(unsupported))
+            plan = dataclasses.replace(plan, attention="torch", cuda_graphs=())
+            self.backend, unsupported = create_backend(plan, self.block_size), set()
         if unsupported:
             raise ValueError(
                 f"attention backend {plan.attention!r} does not compute {', '.join(sorted(unsupported))}, which this "
@@ -158,7 +164,20 @@ class ModelRunner:
             slots.extend(self._slots(seq.block_table, start, end))
             if item.sample:
                 step.sample_rows.append(len(ids) - 1)
+        if self.encoder_decoder:
+            step.seq_ids = [item.seq.request_id for item in (*batch.decodes, *batch.prefills)]
+            step.encoder_inputs = [  # a one-token decoder prompt may be scheduled as a decode row
+                (item.seq.request_id, item.seq.encoder_token_ids)
+                for item in (*batch.decodes, *batch.prefills)
+                if item.start == 0
+            ]
+            step.released, self._released = self._released, []
         return step
+
+    def release(self, request_id: str) -> None:
+        """A request is finished or aborted: encoder-decoder models drop its cached encoder output next step."""
+        if self.encoder_decoder:
+            self._released.append(request_id)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Run one step (rank 0) -> logits [sampling rows, V] in batch order, or None when no row samples."""
@@ -174,6 +193,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(step):
             return self.graphs.run(step)
         tensors = self.backend.step_tensors(step)
+        if self.encoder_decoder:
+            self.model.begin_step(step)
         with attention_metadata(tensors.meta):
             hidden = self.model(tensors.input_ids, tensors.positions)
         if not step.sample_rows:

@@ -25,6 +25,7 @@ _BY_ARCHITECTURE: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
     "Gemma2ForCausalLM": ("gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("gemma", "GemmaForCausalLM"),
+    "T5ForConditionalGeneration": ("t5", "T5ForConditionalGeneration"),
 }
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "LlamaForCausalLM"}
 

@@ -115,7 +115,7 @@ class CausalLM(nn.Module):
             name = self.rename(ckpt_name)
             if name is None or self.ignored.fullmatch(name):
                 continue
-            if not name.startswith((f"{self.base_prefix}.", "lm_head.")):
+            if self.base_prefix and not name.startswith((f"{self.base_prefix}.", "lm_head.")):
                 name = f"{self.base_prefix}.{name}"  # e.g. BLOOM's hub checkpoints: "h.0...", "word_embeddings..."
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue

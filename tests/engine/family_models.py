@@ -8,8 +8,10 @@ Random init leaves biases at zero and norms at one: both are drawn at random her
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
@@ -25,6 +27,16 @@ class FamilySpec:
     seq2seq: bool = False
     tp: bool = True  # the tensor-parallel test runs it at 2 ranks
     embed_scale: float = 1.0  # shrink the (tied) embeddings where they would drown the layers' output
+    separate_lm_head: bool = False  # write an lm_head.weight of its own (transformers 5 always saves T5's tied)
+
+    def written(self, path: Path) -> None:
+        """After save_pretrained: add a random lm_head.weight distinct from the embeddings (Flan-T5's layout)."""
+        if not self.separate_lm_head:
+            return
+        weights = load_file(path / "model.safetensors")
+        torch.manual_seed(self.seed + 1)
+        weights["lm_head.weight"] = torch.randn_like(weights["shared.weight"]) * 0.5
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
 
     def build(self, vocab_size: int) -> PreTrainedModel:
         kw = dict(
@@ -164,6 +176,22 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         embed_scale=0.1,
     ),  # fmt: skip
 }
+
+# T5: relative buckets (8, reaching the log-spaced ones within the test prompts), ReLU, the decoder output scaled by
+# d_model^-1/2; Flan-T5: gated GELU, no output scaling. Both with an lm_head of their own: tied to the embeddings, a
+# tiny T5 repeats one token (t5_tied checks that loading path through its logprobs).
+T5 = dict(
+    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=20, decoder_start_token_id=PAD_ID,
+)  # fmt: skip
+FAMILY_SPECS["t5"] = FamilySpec(
+    "t5", dict(T5, feed_forward_proj="relu"), seed=37, seq2seq=True, tp=False, separate_lm_head=True
+)
+FAMILY_SPECS["t5_tied"] = FamilySpec("t5", dict(T5, feed_forward_proj="relu"), seed=39, seq2seq=True, tp=False)
+FAMILY_SPECS["flan_t5"] = FamilySpec(
+    "t5", dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False), seed=38, seq2seq=True, tp=False,
+    separate_lm_head=True,
+)
 
 # Llama with each rope scaling type, its original context (32) shorter than the tests' contexts
 _HALF = 8  # head_dim / 2

@@ -49,6 +49,7 @@ MODEL_TYPES = {
     "BloomForCausalLM": "bloom",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "T5ForConditionalGeneration": "t5",
 }
 EXTRA = {  # full rotary (the longrope factors above are sized for it), experts, ALiBi
     "qwen2_moe": MOE, "qwen3_moe": dict(MOE, head_dim=16), "mixtral": MOE, "gpt_neox": dict(rotary_pct=1.0),

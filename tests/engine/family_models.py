@@ -189,7 +189,11 @@ FAMILY_SPECS["t5"] = FamilySpec(
 )
 FAMILY_SPECS["t5_tied"] = FamilySpec("t5", dict(T5, feed_forward_proj="relu"), seed=39, seq2seq=True, tp=False)
 FAMILY_SPECS["flan_t5"] = FamilySpec(
-    "t5", dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False), seed=38, seq2seq=True, tp=False,
+    "t5",
+    dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    seed=38,
+    seq2seq=True,
+    tp=False,
     separate_lm_head=True,
 )
 

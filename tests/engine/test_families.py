@@ -94,3 +94,12 @@ def test_encoder_outputs_are_dropped_with_their_requests(name: str, engines: Eng
     assert not {o.request_id for o in first} & set(model.cross)
     assert aborted not in model.cross
     assert set(model.cross) <= set(runner._released) | {o.request_id for o in second}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(FAMILY_SPECS))
+def test_every_family_on_cuda_matches_transformers(name: str, engines: Engines, oracle: Oracle) -> None:
+    """The default GPU plan (Triton attention with the layers' options, CUDA graphs where the model allows them)."""
+    config = dict(T5_TIGHT if FAMILY_SPECS[name].seq2seq else TIGHT, block_size=16)
+    _check_staggered(engines(name, device="cuda", **config), oracle, name)

@@ -1,12 +1,6 @@
-"""T5 / Flan-T5 (encoder-decoder). The decoder runs in the engine's steps like any decoder-only model: its
-self-attention uses the paged KV cache, with T5's relative-position buckets as the attention's `position_bias`
-(scores unscaled). The encoder runs once per request, when its decoder starts from position 0 (admitted, or
-recomputed after preemption): its output's cross-attention K/V, one pair per decoder layer, stay cached per request
-until the engine releases the request. RMSNorm without mean or bias; ReLU or gated-GELU feed-forward; the decoder
-output scaled by d_model^-1/2 where the config says (`scale_decoder_outputs`, i.e. tied embeddings).
-
-`begin_step(step)` hands the model the step's sequences (request ids, encoder inputs to run, releases) before the
-forward pass. One rank only.
+"""T5 / Flan-T5 (encoder-decoder): the decoder runs in the engine's steps over the paged KV cache (relative-position
+buckets as its attention's `position_bias`, scores unscaled); the encoder runs once per request and its output's
+cross-attention K/V stay cached per request until the engine releases it. One rank only.
 """
 
 from __future__ import annotations
@@ -131,6 +125,11 @@ class T5Stack(nn.Module):
 
 
 class T5ForConditionalGeneration(CausalLM):
+    """The encoder runs in the step where a request's decoder starts at position 0 (admitted, or recomputed after
+    preemption); `begin_step(step)` hands the model the step's sequences (request ids, encoder inputs, releases)
+    before the forward pass. RMSNorm without mean or bias; ReLU or gated-GELU feed-forward; the decoder output scaled
+    by d_model^-1/2 where the config says (`scale_decoder_outputs`)."""
+
     is_encoder_decoder = True
     cuda_graphs = False  # the encoder runs inside the step
     base_prefix = ""

@@ -26,13 +26,17 @@ def profile_step(runner: ModelRunner) -> StepInput:
     """The largest prefill a step can hold: one chunk of max_batch_prefill_tokens (capped by the context)."""
     n = max(1, min(runner.config.max_batch_prefill_tokens, runner.max_model_len - 1))
     blocks = list(range(math.ceil(n / runner.block_size)))
-    return StepInput(
+    step = StepInput(
         input_ids=[0] * n,
         positions=list(range(n)),
         slots=list(range(n)),
         prefills=[(0, 0, n, blocks)],
         sample_rows=[n - 1],
     )
+    if runner.encoder_decoder:  # an encoder input as long, its cross K/V released at the next step
+        step.seq_ids, step.encoder_inputs = ["profile"], [("profile", [0] * n)]
+        runner.release("profile")
+    return step
 
 
 def _profile(runner: ModelRunner) -> None:

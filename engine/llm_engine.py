@@ -24,7 +24,8 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.faults import RequestFault, is_device_fault
 from engine.model_runner import ModelRunner
-from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model
+from engine.model_source import decoder_start_token_id, eos_token_ids, load_hf_config, load_tokenizer, resolve_model
+from engine.models import context_length
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.parallel_config import resolve_parallel_config
 from engine.sampler import SampleOutput, Sampler, SamplingRequest
@@ -59,13 +60,19 @@ class LLMEngine:
         self.hf_config = load_hf_config(self.files, config.trust_remote_code)
         self.tokenizer = load_tokenizer(self.files, config.trust_remote_code)
         self.eos_token_ids = eos_token_ids(self.files, self.hf_config)
-        model_len = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.model_context = context_length(self.hf_config)  # the model's own; max_model_len may cap it
+        self.max_model_len = min(config.max_model_len or self.model_context, self.model_context)
         self.parallel = resolve_parallel_config(config, self.hf_config)
         self.tp_group: TensorParallelGroup | None = None
         self.runner = self._start_ranks()
+        # Encoder-decoder: the prompt feeds the encoder; the decoder starts from one start token. Its K/V depend on
+        # the encoder output, so decoder blocks are never shared between requests (no prefix caching).
+        self.encoder_decoder = bool(getattr(self.hf_config, "is_encoder_decoder", False))
+        self.decoder_start = decoder_start_token_id(self.files, self.hf_config) if self.encoder_decoder else None
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=config.enable_prefix_caching
+            self.runner.num_blocks,
+            self.runner.block_size,
+            enable_prefix_caching=config.enable_prefix_caching and not self.encoder_decoder,
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
@@ -140,8 +147,11 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        encoder_ids = None
+        if self.encoder_decoder:
+            encoder_ids, ids = ids, [self.decoder_start]
         max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
-        seq = Sequence(request_id, ids, max_new, params)
+        seq = Sequence(request_id, ids, max_new, params, encoder_token_ids=encoder_ids)
         self.scheduler.add(seq)  # may raise: the request could never fit in the KV cache
         seed = generator = None
         if not params.greedy:
@@ -165,6 +175,7 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.abort(request_id)
+        self.runner.release(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -245,6 +256,7 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.finish(seq, "error")
         self._requests.pop(seq.request_id, None)
+        self.runner.release(seq.request_id)
         req.metrics.finished_time = time.monotonic()
         return self._output(req, [], "", [], [], "error", error=message)
 
@@ -267,6 +279,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             m.finished_time = now
             del self._requests[seq.request_id]
+            self.runner.release(seq.request_id)
         return self._output(req, [sample.token_id], new_text, [sample.logprob], [sample.top_tokens], reason)
 
     def _output(
@@ -295,7 +308,7 @@ class LLMEngine:
             error=error,
         )
         if out.finished:
-            out.prompt_token_ids = seq.prompt_token_ids
+            out.prompt_token_ids = seq.encoder_token_ids or seq.prompt_token_ids
             out.token_ids = list(seq.output_token_ids)
             out.text = req.matcher.text[: req.matcher.emitted]
             out.logprobs, out.top_tokens = req.logprobs, req.top_tokens

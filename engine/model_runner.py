@@ -60,19 +60,18 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         model.load_weights(iter_weights(files, hf_config))
         layers = model.attention_layers()
-        plan = resolve_plan(config, self.device, self.dtype, layers[0].head_dim, self.block_size)
+        options = frozenset(o for layer in layers for o in layer.option_names)
+        graphs_allowed = getattr(model, "cuda_graphs", True)  # the model may rule them out
+        head_dim = layers[0].head_dim
+        plan = resolve_plan(config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed)
         if plan.cpu_gemm is not None:
             model.pack_for_cpu(gemm_kernel=plan.cpu_gemm)  # 16-bit: the GEMM kernel's panels or oneDNN's
         if plan.fused_ops:  # norms, activations, rotary and greedy picks as compiled passes
             model.use_fused_cpu_ops()
         self.model = model.eval()
+        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+        self._released: list[str] = []  # encoder-decoder: requests to forget at the next step
         self.backend = create_backend(plan, self.block_size)
-        unsupported = {o for layer in layers for o in layer.option_names} - self.backend.options
-        if unsupported:
-            raise ValueError(
-                f"attention backend {plan.attention!r} does not compute {', '.join(sorted(unsupported))}, which this "
-                f"model needs; choose another ATTENTION_BACKEND"
-            )
         self.num_blocks = self._allocate_kv_cache()
         # CPU bf16 with every compiled path: the decoder layers run as one compiled call per step, where they can.
         stack = plan.decoder_stack and model.use_decoder_stack()
@@ -157,7 +156,20 @@ class ModelRunner:
             slots.extend(self._slots(seq.block_table, start, end))
             if item.sample:
                 step.sample_rows.append(len(ids) - 1)
+        if self.encoder_decoder:
+            step.seq_ids = [item.seq.request_id for item in (*batch.decodes, *batch.prefills)]
+            step.encoder_inputs = [  # a one-token decoder prompt may be scheduled as a decode row
+                (item.seq.request_id, item.seq.encoder_token_ids)
+                for item in (*batch.decodes, *batch.prefills)
+                if item.start == 0
+            ]
+            step.released, self._released = self._released, []
         return step
+
+    def release(self, request_id: str) -> None:
+        """A request is finished or aborted: encoder-decoder models drop its cached encoder output next step."""
+        if self.encoder_decoder:
+            self._released.append(request_id)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Run one step (rank 0) -> logits [sampling rows, V] in batch order, or None when no row samples."""
@@ -173,6 +185,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(step):
             return self.graphs.run(step)
         tensors = self.backend.step_tensors(step)
+        if self.encoder_decoder:
+            self.model.begin_step(step)
         with attention_metadata(tensors.meta):
             hidden = self.model(tensors.input_ids, tensors.positions)
         if not step.sample_rows:

@@ -106,9 +106,27 @@ def eos_token_ids(files: ModelFiles, hf_config) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _generation_config_eos(files: ModelFiles):
+def decoder_start_token_id(files: ModelFiles, hf_config) -> int:
+    """Where an encoder-decoder's decoder starts (as `generate` does): the generation config's, the model config's,
+    else the pad token."""
+    candidates = (
+        _generation_config(files).get("decoder_start_token_id"),
+        getattr(hf_config, "decoder_start_token_id", None),
+        getattr(hf_config, "pad_token_id", None),
+    )
+    for value in candidates:
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"encoder-decoder model {files.name!r} names no decoder_start_token_id (nor pad_token_id)")
+
+
+def _generation_config(files: ModelFiles) -> dict:
     path = os.path.join(files.directory, "generation_config.json")
     if files.gguf_file or not os.path.isfile(path):
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f).get("eos_token_id")
+        return json.load(f)
+
+
+def _generation_config_eos(files: ModelFiles):
+    return _generation_config(files).get("eos_token_id")

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import resolve_device
+from engine.models import tp_shape
 
 
 class ParallelConfigError(ValueError):
@@ -27,9 +28,7 @@ class ParallelConfig:
 
 def model_shape(hf_config) -> tuple[int, int, int]:
     """(attention heads, key/value heads, intermediate size): what a tensor-parallel degree must divide."""
-    heads = int(hf_config.num_attention_heads)
-    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
-    return heads, kv_heads, int(hf_config.intermediate_size)
+    return tp_shape(hf_config)
 
 
 def divides(degree: int, heads: int, kv_heads: int, intermediate: int) -> bool:

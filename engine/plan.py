@@ -12,6 +12,16 @@ import torch
 from engine.config import ATTENTION_BACKENDS, EngineConfig
 from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
 
+# Layer options (see layers/attention.py) each backend computes; the twin (and the CPU backends through it) all.
+_EVERY_OPTION = frozenset({"sliding_window", "logit_softcap", "alibi", "position_bias"})
+BACKEND_OPTIONS = {
+    "torch": _EVERY_OPTION,
+    "cpu": _EVERY_OPTION,
+    "cpu_paired": _EVERY_OPTION,
+    "triton": frozenset({"sliding_window", "logit_softcap", "alibi"}),
+    "flash_attn": frozenset({"sliding_window", "logit_softcap", "alibi"}),
+}
+
 # Decode batch sizes captured as CUDA graphs (each step pads up to the next one), as far as max_num_seqs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -70,13 +80,35 @@ def _cpu_attention(config: EngineConfig, dtype: torch.dtype, head_dim: int, bloc
 
 
 def resolve_attention(
-    config: EngineConfig, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    options: frozenset[str] = frozenset(),
 ) -> str:
+    """The backend: the requested one (an error where it cannot run here or lacks an option the model needs), else
+    the best one here that computes every option the model's layers use."""
     requested = config.attention_backend
     if requested is None:
         if device.type == "cuda":
-            return "triton" if triton_available(device) is None else "torch"
-        return _cpu_attention(config, dtype, head_dim, block_size) or "torch"
+            best = "triton" if triton_available(device) is None else "torch"
+        else:
+            best = _cpu_attention(config, dtype, head_dim, block_size) or "torch"
+        return best if options <= BACKEND_OPTIONS[best] else "torch"
+    chosen = _requested_attention(requested, config, device, dtype, head_dim, block_size)
+    missing = options - BACKEND_OPTIONS[chosen]
+    if missing:
+        raise ValueError(
+            f"attention backend {requested!r} (ATTENTION_BACKEND) does not compute {', '.join(sorted(missing))}, "
+            "which this model needs; choose another one or leave it to auto"
+        )
+    return chosen
+
+
+def _requested_attention(
+    requested: str, config: EngineConfig, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
+) -> str:
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
     if requested == "torch":
@@ -96,15 +128,23 @@ def resolve_attention(
 
 
 def resolve_plan(
-    config: EngineConfig, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    options: frozenset[str] = frozenset(),
+    graphs_allowed: bool = True,
 ) -> ExecutionPlan:
-    attention = resolve_attention(config, device, dtype, head_dim, block_size)
+    """`options`: the attention options the model's layers use; `graphs_allowed`: False for models whose step reads
+    the device on the host (MoE routing counts), which CUDA graphs cannot replay."""
+    attention = resolve_attention(config, device, dtype, head_dim, block_size, options)
     on_cpu = device.type == "cpu"
     fused = on_cpu and config.cpu_fused_ops and cpu_fused_ops.supports(device, dtype)
     gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
     stack = attention == "cpu_paired" and fused and bool(gemm) and config.cpu_decoder_stack
     graphs: tuple[int, ...] = ()
-    if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn"):
+    if device.type == "cuda" and config.cuda_graphs and graphs_allowed and attention in ("triton", "flash_attn"):
         graphs = tuple(b for b in GRAPH_BUCKETS if b < config.max_num_seqs) + (min(config.max_num_seqs, 512),)
         graphs = tuple(sorted(set(graphs)))
     return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs)

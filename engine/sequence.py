@@ -35,6 +35,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained digests of the full blocks of tokens
     num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     first_scheduled_time: float | None = None
+    encoder_token_ids: list[int] | None = None  # encoder-decoder models: the encoder's input (the prompt proper)
 
     @property
     def num_prompt_tokens(self) -> int:

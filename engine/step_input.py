@@ -18,6 +18,11 @@ class StepInput:
     decode_lens: list[int] = field(default_factory=list)  # tokens each decode row attends over
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (row, start, end, table)
     sample_rows: list[int] = field(default_factory=list)
+    # encoder-decoder models only: the request id of each sequence (decodes, then prefills), the encoder inputs to
+    # run this step (sequences starting at position 0), and requests finished since the last step
+    seq_ids: list[str] = field(default_factory=list)
+    encoder_inputs: list[tuple[str, list[int]]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -31,7 +31,7 @@ def warm_up(engine: LLMEngine) -> None:
 
 
 def facts(engine: LLMEngine) -> EngineFacts:
-    context = getattr(engine.hf_config, "max_position_embeddings", None) or engine.max_model_len
+    context = engine.model_context
     return EngineFacts(
         model_dir=engine.files.directory,
         gguf_file=engine.files.gguf_file,

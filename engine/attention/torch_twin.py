@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from engine.attention.base import AttentionBackend
 from engine.layers import cpu_fused_ops
 from engine.layers.attention import Attention
+from engine.plan import BACKEND_OPTIONS
 from engine.step_input import StepInput
 
 
@@ -57,7 +58,7 @@ class TwinMetadata:
 
 class TorchBackend(AttentionBackend):
     name = "torch"
-    options = frozenset({"sliding_window", "logit_softcap", "alibi"})
+    options = BACKEND_OPTIONS["torch"]
     paired = False  # the paired-layout subclass reads its blocks through unpair()
     compiled_write = False  # CPU subclasses with the fused ops write through cpu_fused_ops.cache_kv_
 
@@ -201,7 +202,8 @@ class TorchBackend(AttentionBackend):
         return out.view(d, layer.num_heads, hd)
 
     def _general(self, layer: Attention, q: torch.Tensor, meta: TwinMetadata) -> torch.Tensor:
-        """Every sequence with explicit float32 scores: scale, soft-cap, ALiBi, causal and window masks."""
+        """Every sequence with explicit float32 scores: scale, soft-cap, ALiBi or a position bias, causal and window
+        masks."""
         out = torch.empty_like(q)
         group = layer.num_heads // layer.num_kv_heads
         for row, q_len, n, table in meta.sequences:
@@ -215,6 +217,8 @@ class TorchBackend(AttentionBackend):
             k_pos = torch.arange(n, device=q.device)[None, :]
             if layer.alibi_slopes is not None:
                 scores = scores + layer.alibi_slopes.to(q.device)[:, None, None] * (k_pos - q_pos)
+            if layer.position_bias is not None:
+                scores = scores + layer.position_bias(k_pos - q_pos).float()
             allowed = k_pos <= q_pos
             if layer.sliding_window is not None:
                 allowed = allowed & (k_pos > q_pos - layer.sliding_window)

@@ -17,6 +17,7 @@ from engine.attention.base import AttentionBackend, StepTensors, sample_rows
 from engine.attention.triton_config import choose_num_kv_splits
 from engine.attention.triton_kernels import paged_attention, write_kv
 from engine.layers.attention import Attention
+from engine.plan import BACKEND_OPTIONS
 from engine.step_input import StepInput
 
 
@@ -54,7 +55,7 @@ class GraphBuffers:
 
 class TritonBackend(AttentionBackend):
     name = "triton"
-    options = frozenset({"sliding_window", "logit_softcap", "alibi"})
+    options = BACKEND_OPTIONS["triton"]
 
     def __init__(self, device: torch.device, dtype: torch.dtype, block_size: int) -> None:
         super().__init__(device, dtype, block_size)

@@ -4,11 +4,13 @@ the backend owns the layout and the kernels.
 
 Options (each backend computes them or the plan does not pick it): `sliding_window` W (the query at position p sees
 keys p-W+1..p), `logit_softcap` c (scores = c * tanh(scores / c) after scaling), `alibi_slopes` [H] (bias
-slope_h * (key_pos - query_pos)).
+slope_h * (key_pos - query_pos)), `position_bias` (a callable: key_pos - query_pos [q, n] int64 -> [H, q, n] bias
+added to the scaled scores; T5's learned relative-position buckets).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +33,7 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
         alibi_slopes: torch.Tensor | None = None,
+        position_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -40,6 +43,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
         self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.detach().float()  # [H] of this rank
+        self.position_bias = position_bias
         # Bound by the model runner once the plan is made and the cache allocated.
         self.backend: AttentionBackend | None = None
         self.k_cache = torch.empty(0)
@@ -47,12 +51,13 @@ class Attention(nn.Module):
 
     @property
     def has_options(self) -> bool:
-        return self.sliding_window is not None or self.logit_softcap is not None or self.alibi_slopes is not None
+        return bool(self.option_names)
 
     @property
     def option_names(self) -> frozenset[str]:
         names = {"sliding_window": self.sliding_window, "logit_softcap": self.logit_softcap}
         names["alibi"] = self.alibi_slopes
+        names["position_bias"] = self.position_bias
         return frozenset(n for n, v in names.items() if v is not None)
 
     def bind(self, backend: AttentionBackend, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

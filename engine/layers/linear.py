@@ -46,6 +46,13 @@ class LinearBase(nn.Module):
         return packed_linear(x, self.packed, bias)
 
 
+def _mark_shards(layer: LinearBase, shards: list) -> None:
+    """The shard ids a packed parameter loads from separate checkpoint tensors (all of them make it complete)."""
+    for p in (layer.weight, layer.bias):
+        if p is not None:
+            p.shards = shards  # type: ignore[attr-defined]
+
+
 def _copy(param: nn.Parameter | torch.Tensor, loaded: Weight) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
@@ -90,19 +97,43 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
+        _mark_shards(self, list(range(len(output_sizes))))
 
-    def weight_loader(self, param: nn.Parameter, loaded: Weight, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight, shard_id: int | None = None) -> None:
+        """One part (`shard_id`), or all parts fused one after the other in one checkpoint tensor (None)."""
+        if shard_id is None:
+            offset = 0
+            for i, size in enumerate(self.output_sizes):
+                self.weight_loader(param, loaded.narrow(0, offset, size), i)
+                offset += size
+            return
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         _copy(param.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections in one matmul. KV heads fewer than ranks are replicated."""
+    """q, k and v projections in one matmul. KV heads fewer than ranks are replicated.
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
+    Checkpoints hold q, k and v as three tensors (loaded with shard ids "q", "k", "v") or as one fused tensor
+    (shard id None) laid out as `fused_layout` says: "contiguous" [q; k; v], "per_head" [H, 3, hd] (q, k, v of
+    each head together; H == Hkv), or "grouped" [Hkv, H / Hkv + 2, hd] (each KV group's queries, then its k, v).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        fused_layout: str = "contiguous",
+    ) -> None:
         tp = get_parallel_state().world_size
-        self.head_dim = head_dim
+        if fused_layout not in ("contiguous", "per_head", "grouped"):
+            raise ValueError(f"unknown fused qkv layout {fused_layout!r}")
+        self.head_dim, self.fused_layout = head_dim, fused_layout
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = divide(num_heads, tp, "number of attention heads")
         if num_kv_heads >= tp:
             self.num_kv_heads = divide(num_kv_heads, tp, "number of key/value heads")
@@ -111,8 +142,13 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = 1
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
+        _mark_shards(self, ["q", "k", "v"])
 
-    def weight_loader(self, param: nn.Parameter, loaded: Weight, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Weight, shard_id: str | None = None) -> None:
+        if shard_id is None:
+            for part, tensor in self._split_fused(loaded).items():
+                self.weight_loader(param, tensor, part)
+            return
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         if shard_id == "q":
@@ -123,6 +159,22 @@ class QKVParallelLinear(ColumnParallelLinear):
                 self.tp_rank * total_kv_heads // self.tp_size if total_kv_heads < self.tp_size else self.tp_rank
             )
         _copy(param.narrow(0, offset, size), loaded.narrow(0, rank_index * size, size))
+
+    def _split_fused(self, loaded: Weight) -> dict[str, Weight]:
+        """A fused qkv checkpoint tensor [(H + 2 Hkv) * hd, ...] -> the full q, k and v tensors."""
+        h, hkv, hd = self.total_num_heads, self.total_num_kv_heads, self.head_dim
+        if self.fused_layout == "contiguous":  # a slice narrows without reading
+            return {"q": loaded.narrow(0, 0, h * hd), "k": loaded.narrow(0, h * hd, hkv * hd),
+                    "v": loaded.narrow(0, (h + hkv) * hd, hkv * hd)}  # fmt: skip
+        w = materialize(loaded)  # interleaved layouts: read whole, then regroup
+        rest = w.shape[1:]
+        if self.fused_layout == "per_head":
+            w = w.view(h, 3, hd, *rest)
+            return {part: w[:, i].reshape(h * hd, *rest) for i, part in enumerate("qkv")}
+        g = h // hkv
+        w = w.view(hkv, g + 2, hd, *rest)
+        return {"q": w[:, :g].reshape(h * hd, *rest), "k": w[:, g].reshape(hkv * hd, *rest),
+                "v": w[:, g + 1].reshape(hkv * hd, *rest)}  # fmt: skip
 
 
 class RowParallelLinear(LinearBase):

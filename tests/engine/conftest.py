@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -25,6 +26,8 @@ from transformers import (
 )
 
 from engine import LLM, RequestOutput, SamplingParams
+
+from .family_models import FAMILY_SPECS, ROPE_SPECS, FamilySpec
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (
@@ -148,18 +151,24 @@ class TinyModels:
         self.tokenizer = train_tokenizer()
         self._paths: dict[str, Path] = {}
 
-    def __call__(self, name: str, spec: TinySpec | None = None) -> Path:
+    def __call__(self, name: str, spec: TinySpec | FamilySpec | None = None) -> Path:
         if name in self._paths:
             return self._paths[name]
         spec = spec or SPECS[name]
         path = self.root / name
-        model = _build_model(spec, len(self.tokenizer))
-        if spec.craft is not None:
+        if isinstance(spec, FamilySpec):
+            model = spec.build(len(self.tokenizer))
+        else:
+            model = _build_model(spec, len(self.tokenizer))
+        if isinstance(spec, TinySpec) and spec.craft is not None:
             with torch.no_grad():
                 spec.craft(model, self.tokenizer)
         model.save_pretrained(path, safe_serialization=True)
+        if isinstance(spec, FamilySpec):
+            spec.written(path)
         self.tokenizer.save_pretrained(path)
-        GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(path)
+        start = {"decoder_start_token_id": PAD_ID} if getattr(spec, "seq2seq", False) else {}
+        GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **start).save_pretrained(path)
         assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
         self._paths[name] = path
         return path
@@ -194,7 +203,7 @@ def craft_byte_chain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast)
         head[successor] = 2.0 * basis[:, i]  # logit = 2 * rms-normalised dot = 2 * sqrt(hidden) = 16
 
 
-SPECS: dict[str, TinySpec] = {
+SPECS: dict[str, TinySpec | FamilySpec] = {
     "llama_gqa": TinySpec(arch="llama", num_attention_heads=4, num_key_value_heads=2, seed=2),
     "qwen2": TinySpec(arch="qwen2", num_attention_heads=4, num_key_value_heads=2, seed=7),
     "llama_tied": TinySpec(
@@ -207,6 +216,8 @@ SPECS: dict[str, TinySpec] = {
     ),
     "byte_chain": TinySpec(arch="llama", num_hidden_layers=1, seed=4, craft=craft_byte_chain),
 }
+SPECS.update(FAMILY_SPECS)  # the other native families (family_models.py)
+SPECS.update(ROPE_SPECS)
 ORACLE_CONFIGS = ("llama_gqa", "qwen2", "llama_tied")
 
 
@@ -231,7 +242,8 @@ def tokenizer(tiny_models: TinyModels) -> PreTrainedTokenizerFast:
 
 
 class Oracle:
-    """transformers as the reference: one prompt at a time, no padding, float32."""
+    """transformers as the reference: one prompt at a time, no padding, float32. For encoder-decoder models the
+    prompt is the encoder's input and the decoder starts from the config's start token."""
 
     def __init__(self, tiny_models: TinyModels) -> None:
         self.tiny_models = tiny_models
@@ -241,8 +253,13 @@ class Oracle:
     def model(self, name: str) -> PreTrainedModel:
         if name not in self._models:
             path = self.tiny_models(name)
-            self._models[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            spec = SPECS.get(name)
+            auto = AutoModelForSeq2SeqLM if getattr(spec, "seq2seq", False) else AutoModelForCausalLM
+            self._models[name] = auto.from_pretrained(path, dtype=torch.float32).eval()
         return self._models[name]
+
+    def _seq2seq(self, name: str) -> bool:
+        return bool(self.model(name).config.is_encoder_decoder)
 
     def greedy(
         self, name: str, prompt: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = EOS_ID, **kw
@@ -259,14 +276,19 @@ class Oracle:
                 pad_token_id=PAD_ID,
                 **kw,
             )
-            self._cache[key] = out[0, len(prompt) :].tolist()
+            start = 1 if self._seq2seq(name) else len(prompt)  # seq2seq: the decoder's, after its start token
+            self._cache[key] = out[0, start:].tolist()
         return self._cache[key]
 
     @torch.no_grad()
     def logits(self, name: str, prompt: list[int], generated: list[int]) -> torch.Tensor:
         """[len(generated), V] raw logits that predicted each generated token (one forward pass)."""
+        model = self.model(name)
+        if self._seq2seq(name):
+            decoder = [model.generation_config.decoder_start_token_id] + generated[:-1]
+            return model(torch.tensor([prompt]), decoder_input_ids=torch.tensor([decoder])).logits[0].float()
         ids = torch.tensor([prompt + generated])
-        logits = self.model(name)(ids).logits[0].float()
+        logits = model(ids).logits[0].float()
         return logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
 
     def log_probs(self, name: str, prompt: list[int], generated: list[int]) -> torch.Tensor:

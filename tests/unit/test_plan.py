@@ -80,3 +80,18 @@ def test_flash_attn_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_backend_name_is_refused() -> None:
     with pytest.raises(ValueError, match="attention_backend must be one of torch, cpu, triton, flash_attn"):
         EngineConfig(attention_backend="xformers")
+
+
+def test_options_the_backend_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose layers need an option the best backend lacks (T5's relative position bias on Triton) gets
+    the twin under auto, and a clear error when that backend is forced; MoE models rule CUDA graphs out."""
+    monkeypatch.setattr(plan_module, "triton_available", lambda device: None)
+    bias = frozenset({"position_bias"})
+    window = frozenset({"sliding_window", "logit_softcap"})
+    assert resolve_plan(EngineConfig(), CUDA, torch.bfloat16, 64, 16, window).attention == "triton"
+    p = resolve_plan(EngineConfig(), CUDA, torch.bfloat16, 64, 16, bias)
+    assert p.attention == "torch" and p.cuda_graphs == ()
+    with pytest.raises(ValueError, match="'triton' .* does not compute position_bias"):
+        resolve_plan(EngineConfig(attention_backend="triton"), CUDA, torch.bfloat16, 64, 16, bias)
+    assert resolve_plan(EngineConfig(), CUDA, torch.bfloat16, 64, 16, graphs_allowed=False).cuda_graphs == ()
+    assert resolve_plan(EngineConfig(), CPU, torch.bfloat16, 64, 32, bias).attention == "cpu_paired"

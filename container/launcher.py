@@ -1,7 +1,9 @@
 """`serve`, what SageMaker runs: reads the settings, starts the engine process and gunicorn, and supervises them.
 
-Either child dying stops the other and exits 1; SIGTERM drains (in-flight requests finish, new ones get 503,
-at most SERVE_DRAIN_TIMEOUT seconds), stops both and exits 0; a bad variable exits 2 before any model loads.
+The launcher listens on the port itself from the start (container/standby.py answers 503 while the model loads and
+whenever gunicorn cannot answer) and hands the socket to gunicorn. Either child dying: 503 for FAILED_GRACE_S, then
+the other is stopped and `serve` exits 1; SIGTERM drains (in-flight requests finish, new ones get 503, at most
+SERVE_DRAIN_TIMEOUT seconds), stops both and exits 0; a bad variable exits 2 before any model loads.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from container.settings import Settings, SettingsError, child_environment, load_settings
+from container.standby import Standby, listen
+from container.worker_config import worker_config
 from serve.emf_exporter import EmfEmitter
 from serve.engine_process import run
-from serve.engine_protocol import ModelInfo
 from serve.engine_server import EngineProcessConfig
-from serve.ipc import Addresses, EngineFacts, WorkerConfig, die_with_parent
+from serve.ipc import Addresses, EngineFacts, Handover, die_with_parent
 
 logger = logging.getLogger("container.launcher")
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn.conf.py"
 STOP_TIMEOUT_S = 15.0  # for each child to exit once told to, before it is killed
+FAILED_GRACE_S = 2.0  # a child died: /ping answers 503 this long before `serve` stops and exits 1
 EXIT_CONFIG = 2
 
 
@@ -46,8 +50,15 @@ class Launcher:
         self.engine_ready = False
         self.wakeup: socket.socket | None = None
         self.emitter: EmfEmitter | None = None  # CloudWatch EMF lines, once gunicorn runs
+        self.standby: Standby | None = None  # the port, open from start to exit
 
     def run(self) -> int:
+        host, port = self.settings.launcher.host, self.settings.launcher.port
+        try:
+            listener = listen(host, port)
+        except OSError as e:
+            return _config_error(f"SAGEMAKER_BIND_TO_PORT: cannot listen on {host}:{port}: {e.strerror or e}")
+        self.standby = Standby(listener).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.wakeup, wakeup_writer = socket.socketpair()  # a signal writes a byte: waits return at once
@@ -58,16 +69,18 @@ class Launcher:
         try:
             return self._run()
         finally:
+            self.standby.stopping()
             self._stop_children()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             signal.set_wakeup_fd(-1)
             wakeup_writer.close()
             self.wakeup.close()
+            self.standby.close()
 
-    def _wait(self, timeout: float) -> list:
-        """Wait for a message from the engine, its exit or a signal; returns what is ready."""
+    def _wait(self, timeout: float, children: bool = True) -> list:
+        """Wait for a signal, and (with `children`) a message from the engine or its exit; returns what is ready."""
         assert self.conn is not None and self.engine is not None and self.wakeup is not None
-        ready = wait([self.conn, self.engine.sentinel, self.wakeup], timeout)
+        ready = wait([self.conn, self.engine.sentinel, self.wakeup] if children else [self.wakeup], timeout)
         if self.wakeup in ready:
             try:
                 self.wakeup.recv(64)
@@ -102,12 +115,14 @@ class Launcher:
         metrics_dir = os.path.join(self.runtime_dir, "prometheus")
         os.makedirs(metrics_dir)
         try:
-            worker = self._worker_config(addresses, facts, metrics_dir)
+            worker = worker_config(self.settings, addresses, facts, metrics_dir)
         except (SettingsError, ValueError) as e:
             return _config_error(str(e))
         config_path = os.path.join(self.runtime_dir, "worker.pkl")
         worker.write(config_path)
         self._start_gunicorn(config_path, metrics_dir)
+        assert self.standby is not None
+        self.standby.hand_over_when_ready(Handover(self.runtime_dir))
         self._start_emitter()  # a thread: only after gunicorn is forked
         return self._supervise()
 
@@ -139,45 +154,17 @@ class Launcher:
         logger.info("stopping before the model was ready")
         return None
 
-    def _worker_config(self, addresses: Addresses, facts: EngineFacts, metrics_dir: str) -> WorkerConfig:
-        s = self.settings
-        server = s.server_config(facts.model_context, metrics_dir)
-        if facts.kv_cache_tokens < server.max_total_tokens:
-            logger.warning(
-                "the KV cache holds %d tokens, fewer than MAX_TOTAL_TOKENS (%d): the longest requests are refused",
-                facts.kv_cache_tokens,
-                server.max_total_tokens,
-            )
-        info = ModelInfo(
-            model_id=server.model_id,
-            model_dtype=facts.dtype,
-            model_device_type=facts.device_type,
-            max_input_tokens=server.max_input_tokens,
-            max_total_tokens=server.max_total_tokens,
-            max_batch_total_tokens=facts.kv_cache_tokens,
-            max_batch_prefill_tokens=facts.max_batch_prefill_tokens,
-            max_concurrent_requests=server.max_concurrent_requests,
-            eos_token_ids=facts.eos_token_ids,
-            extra={
-                "model_revision": s.engine.revision,
-                "model_context": facts.model_context,
-                "max_batch_size": s.engine.max_num_seqs,
-                "messages_api_enabled": s.launcher.messages_api_enabled,
-            },
-        )
-        return WorkerConfig(
-            addresses, server, info, facts.model_dir, facts.gguf_file, s.engine.trust_remote_code, s.launcher.log_level
-        )
-
     # ---- gunicorn ---------------------------------------------------------------------------
 
     def _start_gunicorn(self, config_path: str, metrics_dir: str) -> None:
         launcher = self.settings.launcher
+        assert self.standby is not None
+        fd = self.standby.sock.fileno()
         command = [
             sys.executable, "-m", "gunicorn",
             "--config", str(GUNICORN_CONF),
             "--no-control-socket",
-            "--bind", f"{launcher.host}:{launcher.port}",
+            "--bind", f"fd://{fd}",  # our listening socket: the port stays open whatever gunicorn does
             "--workers", str(launcher.workers),
             "--threads", str(launcher.threads),
             "--log-level", launcher.log_level,
@@ -191,6 +178,7 @@ class Launcher:
             env=child_environment({"PROMETHEUS_MULTIPROC_DIR": metrics_dir}),
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we stop gunicorn in order
             preexec_fn=die_with_parent,  # SIGTERM to gunicorn if we die, even by SIGKILL
+            pass_fds=(fd,),
         )
 
     def _start_emitter(self) -> None:
@@ -246,11 +234,21 @@ class Launcher:
             self._discard_messages()
             if not self.engine.is_alive():
                 logger.error("the engine process exited with code %s; stopping", self.engine.exitcode)
-                return 1
+                return self._failed()
             if self.gunicorn.poll() is not None:
                 logger.error("gunicorn exited with code %s; stopping", self.gunicorn.returncode)
-                return 1
+                return self._failed()
         return self._drain()
+
+    def _failed(self) -> int:
+        """A child died: /ping says 503 (the workers see the engine gone; we answer what they do not) for a moment,
+        so SageMaker sees the failure, then `serve` stops and exits 1 to be replaced."""
+        assert self.standby is not None
+        self.standby.fail()
+        deadline = time.monotonic() + FAILED_GRACE_S
+        while not self.signals and (left := deadline - time.monotonic()) > 0:
+            self._wait(left, children=False)
+        return 1
 
     def _drain(self) -> int:
         assert self.engine is not None and self.gunicorn is not None and self.conn is not None
@@ -271,6 +269,8 @@ class Launcher:
                 break
         if self.emitter is not None and self.gunicorn.poll() is None:
             self.emitter.emit_once()  # the requests of the last, partial interval
+        assert self.standby is not None
+        self.standby.stopping()  # from here on we answer what gunicorn, stopping, no longer takes
         crashed = [
             name
             for name, code in (("engine", self.engine.exitcode), ("gunicorn", self.gunicorn.poll()))

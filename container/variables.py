@@ -161,10 +161,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(("MAX_BEST_OF",), _POSITIVE, _positive_int, "2", "`best_of` per request"),
     Variable(("MAX_CLIENT_BATCH_SIZE",), _POSITIVE, _positive_int, "4", "prompts per request"),
     Variable(("PAYLOAD_LIMIT",), "a positive integer (bytes)", _positive_int, "6291456 (6 MiB)",
-             "request body size"),
+             "request body size, on the bytes read however the body is framed (413 beyond)"),
     Variable(("MESSAGES_API_ENABLED",), _BOOL, _bool, "true", "accepted for TGI compatibility; the Messages API is "
              "always served"),
-    Variable(("API_KEY",), "a key", _text, "-", "when set, requests must send `Authorization: Bearer <key>`"),
+    Variable(("API_KEY",), "a key", _text, "-", "when set, generation routes and /tokenize need `Authorization: Bearer "
+             "<key>` (never /ping, /health, /metrics, /info, /v1/models, /openapi.json)"),
     Variable(("LOG_PROMPTS",), _BOOL, _bool, "false", "log prompts and generated text"),
     Variable(("LOG_LEVEL",), "one of " + ", ".join(_LEVELS), _choice(*_LEVELS, "warn"), "info", "log level"),
     Variable(("SAGEMAKER_BIND_TO_PORT",), "a port number (1-65535)", _port, "8080", "HTTP port"),

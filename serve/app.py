@@ -1,21 +1,23 @@
 """The flask app: `create_app(client, config, tokenizer)` wires routes over any EngineClient.
 
-Request checks (API key, content type, size, JSON) run before a body is parsed; every exception is
-turned into {"error", "error_type"} with its status in one handler; each request is timed, counted
-and logged once, when its response (or its stream) is closed.
+Request checks (API key, content type, size, JSON limits: serve/body.py) run before a body is parsed; every exception
+is turned into {"error", "error_type"} with its status in one handler; each request is timed, counted and logged
+once, when its response (or its stream) is closed. The API key guards generation and /tokenize, as TGI's does;
+health, metrics and the model's description stay open.
 """
 
 from __future__ import annotations
 
 import hmac
 import importlib.metadata
-import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 
+from serve.body import parse_json, read_body
 from serve.engine_protocol import EngineClient, ModelInfo, UnavailableError, ValidationError
 from serve.errors import HttpError, classify
 from serve.generation import Services, TokenDecoder
@@ -28,7 +30,7 @@ from serve.server_config import ServerConfig
 from serve.tgi_api import TgiApi
 from serve.validation import Validator
 
-OPEN_ENDPOINTS = frozenset({"ping", "health", "metrics"})  # never behind the API key
+OPEN_ENDPOINTS = frozenset({"ping", "health", "metrics", "info", "models", "openapi"})  # never behind the API key
 QUIET_ENDPOINTS = frozenset({"ping", "health", "metrics"})  # logged only when they fail
 GENERATION_ENDPOINTS = frozenset(
     {"invocations", "compat_generate", "generate", "generate_stream", "chat", "completions"}
@@ -42,11 +44,10 @@ def _version() -> str:
         return "0.1.0"
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def create_app(client: EngineClient, config: ServerConfig, tokenizer: Any) -> Flask:
+def create_app(
+    client: EngineClient, config: ServerConfig, tokenizer: Any, serving: Callable[[], bool] | None = None
+) -> Flask:
+    """`serving`: whether the container has handed this worker the port (/ping is 503 until then); None: always."""
     app = Flask("serve", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.payload_limit
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -118,20 +119,7 @@ def create_app(client: EngineClient, config: ServerConfig, tokenizer: Any) -> Fl
         mimetype = request.mimetype
         if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
             raise HttpError(415, f"Expected request with `Content-Type: application/json`, got `{mimetype}`")
-        length = request.content_length
-        if length is not None and length > config.payload_limit:
-            raise HttpError(413, f"Payload too large: {length} bytes, the limit is {config.payload_limit}")
-        raw = request.get_data(cache=True)  # werkzeug stops a body without Content-Length at the limit
-        if len(raw) > config.payload_limit:
-            raise HttpError(413, f"Payload too large: the limit is {config.payload_limit} bytes")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise HttpError(400, f"The request body is not valid UTF-8: {e.reason} at byte {e.start}") from e
-        try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as e:
-            raise HttpError(400, f"Failed to parse the request body as JSON: {e}") from e
+        data = parse_json(read_body(request.environ, config.payload_limit))
         if not isinstance(data, dict):
             raise ValidationError("The request body must be a JSON object")
         return data
@@ -151,6 +139,8 @@ def create_app(client: EngineClient, config: ServerConfig, tokenizer: Any) -> Fl
             raise UnavailableError("unhealthy: the engine is not ready")
         if stats.draining and request.endpoint == "ping":
             raise UnavailableError("unhealthy: the server is draining")
+        if serving is not None and not serving():
+            raise UnavailableError("unhealthy: the server is starting")
         return Response(status=200)
 
     @app.get("/info", endpoint="info")
@@ -200,6 +190,8 @@ def create_app(client: EngineClient, config: ServerConfig, tokenizer: Any) -> Fl
                 start = found if found >= 0 and services.decoder(i) else end
                 end = start + len(services.decoder(i)) if found >= 0 else end
                 spans.append((i, (start, end)))
+        except Exception as e:  # the tokenizer refusing an input is the input's problem (as in validation)
+            raise ValidationError(f"tokenizer error {e}") from e
         tokens = [SimpleToken(id=i, text=body.inputs[a:b], start=a, stop=b).model_dump() for i, (a, b) in spans]
         return jsonify(tokens)
 

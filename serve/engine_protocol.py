@@ -79,6 +79,7 @@ class EngineStats:
     kv_cache_blocks: int
     time: float  # time.time() when published
     prefix_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
+    preemptions: int = 0  # running requests preempted for KV blocks (recomputed later) since start
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,7 @@ class EngineServer:
             kv_cache_blocks=engine.block_manager.num_blocks,
             time=time.time(),
             prefix_cache_hit_tokens=engine.block_manager.hit_tokens,
+            preemptions=engine.scheduler.num_preemptions,
         )
 
     def _publish(self) -> None:

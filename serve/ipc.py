@@ -132,6 +132,31 @@ def failure_message(error: str) -> str:
     return f"Request failed during generation: {error}"
 
 
+class Handover:
+    """The port passing from the launcher's standby (which answers 503 while the model loads) to the workers, through
+    files in the runtime dir: a worker writes `booted-<pid>` once its app is built; the launcher, once it has stopped
+    answering, writes `serving`; a worker's /ping says 200 only from then on, so no 200 is ever followed by a 503
+    from the standby."""
+
+    def __init__(self, runtime_dir: str) -> None:
+        self.dir = runtime_dir
+        self._serving = False
+
+    def booted(self) -> None:
+        open(os.path.join(self.dir, f"booted-{os.getpid()}"), "w").close()
+
+    def any_booted(self) -> bool:
+        return any(name.startswith("booted-") for name in os.listdir(self.dir))
+
+    def hand_over(self) -> None:
+        open(os.path.join(self.dir, "serving"), "w").close()
+
+    def serving(self) -> bool:
+        if not self._serving:
+            self._serving = os.path.exists(os.path.join(self.dir, "serving"))
+        return self._serving
+
+
 def token_event(request: GenerateRequest, added_wall: float, out: RequestOutput) -> TokenEvent:
     """The TokenEvent for one RequestOutput; the final one carries timings from the HTTP arrival (seconds)."""
     timings: dict[str, float] = {}

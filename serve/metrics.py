@@ -70,6 +70,11 @@ class StatsCollector(Collector):
             "Prompt tokens served from the prefix cache instead of computed",
             value=float(s.prefix_cache_hit_tokens if s else 0),
         )
+        yield CounterMetricFamily(
+            "llm_preemptions",
+            "Running requests preempted when the KV cache ran out (their tokens are recomputed, never lost)",
+            value=float(s.preemptions if s else 0),
+        )
 
 
 @dataclass

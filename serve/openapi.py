@@ -64,8 +64,18 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _sse(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"text/event-stream": {"schema": schema}}
+def _sse(schema: dict[str, Any], done: bool = False) -> dict[str, Any]:
+    """An event stream whose `schema` describes each event (OpenAPI 3.1): its `data` is a JSON text of `schema`, or of
+    the error body a stream ends with when it fails after it began; OpenAI streams end with `data: [DONE]`."""
+    data: dict[str, Any] = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"oneOf": [schema, _ref(ErrorResponse)]},
+    }
+    if done:
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"text/event-stream": {"schema": event}}
 
 
 def _operation(
@@ -87,14 +97,16 @@ def _routes() -> dict[tuple[str, str], dict[str, Any]]:
     compat_ok = _json(
         _one_of({"type": "array", "items": _ref(GenerateResponse)}, _ref(ChatCompletion), _ref(Completion))
     )
-    compat_ok["content"].update(_sse(_one_of(_ref(StreamResponse), _ref(ChatCompletionChunk), _ref(Completion))))
+    compat_ok["content"].update(
+        _sse(_one_of(_ref(StreamResponse), _ref(ChatCompletionChunk), _ref(Completion)), done=True)
+    )
     tgi_compat_ok = _json({"type": "array", "items": _ref(GenerateResponse)})
     tgi_compat_ok["content"].update(_sse(_ref(StreamResponse)))
     stream_ok = {"description": "Server-sent events", "content": _sse(_ref(StreamResponse))}
     chat_ok = _json(_ref(ChatCompletion))
-    chat_ok["content"].update(_sse(_ref(ChatCompletionChunk)))
+    chat_ok["content"].update(_sse(_ref(ChatCompletionChunk), done=True))
     cmpl_ok = _json(_ref(Completion))
-    cmpl_ok["content"].update(_sse(_ref(Completion)))
+    cmpl_ok["content"].update(_sse(_ref(Completion), done=True))
     health_ok = {"description": "Ready"}
     text_ok = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     e = _GENERATION_ERRORS
@@ -112,8 +124,8 @@ def _routes() -> dict[tuple[str, str], dict[str, Any]]:
         ("post", "/generate_stream"): _operation("TGI generate, streamed", gen, stream_ok, e),
         ("post", "/v1/chat/completions"): _operation("OpenAI chat completions", chat, chat_ok, e),
         ("post", "/v1/completions"): _operation("OpenAI completions", cmpl, cmpl_ok, e),
-        ("get", "/v1/models"): _operation("OpenAI model list", None, _json(_ref(ModelListResponse)), (401,)),
-        ("get", "/info"): _operation("TGI model and router info", None, _json(_ref(Info)), (401,)),
+        ("get", "/v1/models"): _operation("OpenAI model list", None, _json(_ref(ModelListResponse)), ()),
+        ("get", "/info"): _operation("TGI model and router info", None, _json(_ref(Info)), ()),
         ("post", "/tokenize"): _operation(
             "Tokenize like TGI",
             _ref(TokenizeRequest),
@@ -121,7 +133,7 @@ def _routes() -> dict[tuple[str, str], dict[str, Any]]:
             (400, 401, 413, 415, 422),
         ),
         ("get", "/metrics"): _operation("Prometheus metrics", None, text_ok, ()),
-        ("get", "/openapi.json"): _operation("This document", None, _json({"type": "object"}), (401,)),
+        ("get", "/openapi.json"): _operation("This document", None, _json({"type": "object"}), ()),
     }
 
 

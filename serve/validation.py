@@ -17,6 +17,7 @@ from serve.protocol import GenerateRequest
 from serve.server_config import ServerConfig
 
 _MAX_SEED = 2**64
+_MAX_TOP_K = 2**63  # an int64 holds it: a bigger top_k means "every token" anyway, but could overflow a tensor
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class Validator:
             raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
         if p.top_k is not None and p.top_k <= 0:
             raise ValidationError("`top_k` must be strictly positive")
+        if p.top_k is not None and p.top_k >= _MAX_TOP_K:
+            raise ValidationError(f"`top_k` must be < 2^63. Given: {p.top_k}")
         if p.max_new_tokens is not None and p.max_new_tokens <= 0:
             raise ValidationError("`max_new_tokens` must be strictly positive")
         stops = self.stops(p.stop)

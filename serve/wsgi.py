@@ -1,21 +1,22 @@
 """Gunicorn's entry point, run in each worker after the fork: `serve.wsgi:build_app('<runtime dir>/worker.pkl')`.
 
 Reads the config file the launcher wrote (never the environment), connects a ZmqEngineClient to the engine
-process and builds the flask app with serve.app.create_app.
+process and builds the flask app with serve.app.create_app. It never waits for the engine: until the engine's first
+stats arrive (a fraction of a second) /ping answers 503, and an engine that is gone leaves it at 503. /ping says 200
+only once the launcher has handed the port over (serve.ipc.Handover).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
-from serve.ipc import WorkerConfig
+from serve.ipc import Handover, WorkerConfig
 from serve.zmq_client import ZmqEngineClient
 
 if TYPE_CHECKING:
     from flask import Flask
-
-FIRST_STATS_WAIT_S = 5.0  # so the first /ping after start-up already sees the engine
 
 
 def build_app(config_path: str) -> Flask:
@@ -27,5 +28,7 @@ def build_app(config_path: str) -> Flask:
     client = ZmqEngineClient(config.addresses, config.model_info)
     client.start()
     tokenizer = load_tokenizer(ModelFiles(config.tokenizer_dir, config.tokenizer_gguf), config.trust_remote_code)
-    client.wait_for_stats(FIRST_STATS_WAIT_S)
-    return create_app(client, config.server, tokenizer)
+    handover = Handover(os.path.dirname(config_path))
+    app = create_app(client, config.server, tokenizer, serving=handover.serving)
+    handover.booted()
+    return app

@@ -108,18 +108,24 @@ def test_stream_validation_is_a_real_422(api: FlaskClient, body: dict, message: 
     assert error(api.post("/invocations", json={**body, "stream": True}), 422, "validation") == message
 
 
+def chunked(client: FlaskClient, body: bytes) -> object:
+    """POST `body` as a server hands over a chunked one: no Content-Length, a stream the server ends."""
+    return client.post(
+        "/generate",
+        environ_overrides={"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True, "CONTENT_LENGTH": ""},
+        content_type="application/json",
+    )
+
+
 def test_payload_too_large_413(serve_env: Served) -> None:
     client = serve_env.app(payload_limit=1000).test_client()
     big = {"inputs": "x" * 2000}
     assert "Payload too large" in error(client.post("/generate", json=big), 413, "payload_too_large")
-    # a chunked body (no Content-Length) is cut at the limit while it is read
-    r = client.post(
-        "/generate",
-        input_stream=io.BytesIO(b'{"inputs": "' + b"x" * 2000 + b'"}'),
-        content_type="application/json",
-        environ_overrides={"wsgi.input_terminated": True},
-    )
-    error(r, 413, "payload_too_large")
+    # a body without Content-Length is refused by the bytes read, never cut at the limit and parsed
+    error(chunked(client, b'{"inputs": "' + b"x" * 2000 + b'"}'), 413, "payload_too_large")
+    valid = b'{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}'
+    error(chunked(client, valid + b" " * (1000 - len(valid)) + b"junk"), 413, "payload_too_large")
+    assert chunked(client, valid + b" " * (1000 - len(valid))).status_code == 200  # exactly the limit
 
 
 def test_malformed_json_and_invalid_utf8_400(api: FlaskClient) -> None:
@@ -145,9 +151,11 @@ def test_api_key_401(serve_env: Served) -> None:
     r = client.post("/generate", json=body)
     assert error(r, 401, "authentication").startswith("Unauthorized") and r.headers["WWW-Authenticate"] == "Bearer"
     error(client.post("/generate", json=body, headers={"Authorization": "Bearer nope"}), 401, "authentication")
-    error(client.get("/info"), 401, "authentication")
+    error(client.post("/tokenize", json={"inputs": "Hi"}), 401, "authentication")  # as in TGI: it runs the tokenizer
+    error(client.post("/v1/chat/completions", json=CHAT), 401, "authentication")
     assert client.post("/generate", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    for route in ("/ping", "/health", "/metrics"):
+    # open, as in TGI: health, metrics and what the endpoint serves (its OpenAPI document included)
+    for route in ("/ping", "/health", "/metrics", "/info", "/v1/models", "/openapi.json"):
         assert client.get(route).status_code == 200, route
 
 

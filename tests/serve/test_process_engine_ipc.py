@@ -159,7 +159,7 @@ def test_stop_fails_what_is_in_flight_and_exits_zero(model: Path, tmp_path: Path
 class ExplodingEngine:
     """Stands in for LLMEngine: accepts requests, then its first step raises."""
 
-    scheduler = SimpleNamespace(num_waiting=0, num_running=0)
+    scheduler = SimpleNamespace(num_waiting=0, num_running=0, num_preemptions=0)
     block_manager = SimpleNamespace(usage=0.0, num_blocks=1, hit_tokens=0)
 
     def __init__(self) -> None:

@@ -167,3 +167,15 @@ def test_unloadable_model_exits_2_naming_hf_model_id(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: HF_MODEL_ID: could not load the model '{tmp_path / 'model'}'"), last
+
+
+def test_a_port_already_taken_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    """`serve` listens on the port itself before any model loads: a taken port is a one-line error at once."""
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_serve(base_env(SM_OPT_ML_DIR=str(tmp_path), SAGEMAKER_BIND_TO_PORT=str(port)), timeout=30)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: SAGEMAKER_BIND_TO_PORT: cannot listen on 0.0.0.0:{port}")

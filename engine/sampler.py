@@ -8,15 +8,14 @@ to the device in two packed copies and the results come back in one; nothing in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.layers import cpu_fused_ops
-from engine.sampler_reference import SamplingFault, choose, exponential_noise
+from engine.sampler_reference import NON_FINITE, SamplingFault, choose, exponential_noise
 from engine.sampling_params import SamplingParams
-
-NON_FINITE = "the sampling probabilities are not finite (NaN or infinity)"
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,9 @@ class Sampler:
         plain = [_plain_greedy(r.params) for r in requests]
         top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
         if self.fused and logits.device.type == "cpu" and all(plain) and not top_n:
-            ids, chosen = cpu_fused_ops.greedy(logits)
-            return [SampleOutput(i, lp) for i, lp in zip(ids, chosen)]
+            ids, chosen = cpu_fused_ops.greedy(logits)  # built with finite-math: NaN rows are found apart
+            nan_rows = torch.isnan(logits).any(dim=-1).tolist()
+            return [SampleOutput(i, lp, [], NON_FINITE if nan else None) for i, lp, nan in zip(ids, chosen, nan_rows)]
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
         ids = logprobs.argmax(dim=-1)  # plain greedy rows need nothing else
@@ -113,7 +113,9 @@ class Sampler:
             picked, failed, index = self._process(logits, _Rows.build(rows, requests, logits.shape[1], logits.device))
             ids.index_copy_(0, index, picked)
             bad.index_copy_(0, index, failed)
-        parts = [ids.double(), logprobs.gather(1, ids[:, None])[:, 0].double(), bad.double()]
+        chosen = logprobs.gather(1, ids[:, None])[:, 0]
+        bad |= torch.isnan(chosen)  # a NaN or infinite logit in any row, greedy ones included
+        parts = [ids.double(), chosen.double(), bad.double()]
         if top_n:
             values, indices = torch.topk(logprobs, top_n, dim=-1)
             parts += [values.double().flatten(), indices.double().flatten()]
@@ -135,6 +137,8 @@ class Sampler:
         row = logits.float()
         logprobs = torch.log_softmax(row, dim=-1)
         token = choose(row, request.params, request.token_ids, request.generator)
+        if math.isnan(float(logprobs[token])):
+            raise SamplingFault(NON_FINITE)
         n = min(request.params.top_n_tokens, row.shape[0])
         tops: list[tuple[int, float]] = []
         if n:

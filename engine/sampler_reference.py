@@ -11,6 +11,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 
+NON_FINITE = "the sampling probabilities are not finite (NaN or infinity)"
 # Exponential noise is clamped to this from below: q == 0 would make probs / q a NaN (0 / 0) or an infinity.
 MIN_NOISE = 1e-20
 
@@ -74,9 +75,9 @@ def choose(row: torch.Tensor, p: SamplingParams, token_ids: list[int], generator
     row = apply_penalties(row, p, token_ids)
     if p.greedy:
         if torch.isnan(row).any():
-            raise SamplingFault("the logits hold NaN")
+            raise SamplingFault(NON_FINITE)
         return int(torch.argmax(row))
     probs = apply_warpers(row, p).softmax(-1)
     if not bool(torch.isfinite(probs).all()):
-        raise SamplingFault("the sampling probabilities are not finite (NaN or infinity)")
+        raise SamplingFault(NON_FINITE)
     return int(torch.argmax(probs / exponential_noise(row.shape[0], generator, row.device)))

@@ -39,7 +39,6 @@ def facts(engine: LLMEngine) -> EngineFacts:
         max_model_len=engine.max_model_len,
         dtype=str(engine.runner.dtype),  # "torch.bfloat16", as TGI reports it
         device_type=engine.runner.device.type,
-        eos_token_ids=sorted(engine.eos_token_ids),
         kv_cache_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size,
         max_batch_prefill_tokens=engine.config.max_batch_prefill_tokens,
     )

@@ -92,7 +92,6 @@ class ModelInfo:
     max_batch_total_tokens: int
     max_batch_prefill_tokens: int
     max_concurrent_requests: int
-    eos_token_ids: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,4 +1,4 @@
-"""The engine process: owns the one LLMEngine and serves every gunicorn worker over zmq.
+"""The engine process's transport: the one EngineLoop (serve/engine_loop.py) served to every gunicorn worker over zmq.
 
 ROUTER: Submit/Abort from the workers' DEALERs in, lists of (tag, TokenEvent | Failure) out. PUB: EngineStats
 from a heartbeat thread. A multiprocessing Pipe to the launcher: ready/error/drained out, drain/stop in.
@@ -21,16 +21,8 @@ from typing import TYPE_CHECKING
 import zmq
 
 from engine.config import EngineConfig
-from serve.engine_protocol import (
-    EngineError,
-    EngineStats,
-    GenerateRequest,
-    GenerationError,
-    OverloadedError,
-    TokenEvent,
-    UnavailableError,
-    ValidationError,
-)
+from serve.engine_loop import EngineFailed, EngineLoop
+from serve.engine_protocol import EngineError, TokenEvent, UnavailableError
 from serve.ipc import (
     STATS_INTERVAL_S,
     Abort,
@@ -38,13 +30,10 @@ from serve.ipc import (
     Failure,
     Reply,
     Submit,
-    failure_message,
-    token_event,
 )
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
-    from engine.outputs import RequestOutput
 
 logger = logging.getLogger("serve.engine")
 IDLE_POLL_MS = 100
@@ -58,15 +47,9 @@ class EngineProcessConfig:
     log_level: str = "info"
 
 
-@dataclass
-class _InFlight:
-    identity: bytes
-    tag: int
-    request: GenerateRequest
-    added_wall: float  # time.time() at add_request
-
-
 class EngineServer:
+    """The zmq transport over the one EngineLoop: submissions and aborts from the workers in, events out."""
+
     def __init__(self, engine: LLMEngine, config: EngineProcessConfig, conn: Connection) -> None:
         self.engine, self.config, self.conn = engine, config, conn
         self.ctx = zmq.Context()
@@ -77,11 +60,10 @@ class EngineServer:
             self.router.setsockopt(zmq.RCVHWM, 0)
             self.router.setsockopt(zmq.LINGER, 2000)
             self.router.bind(config.addresses.requests)
-            self.in_flight: dict[str, _InFlight] = {}
             self.outbox: dict[bytes, list[Reply]] = defaultdict(list)
-            self.draining = False
+            self.loop = EngineLoop(engine, config.max_concurrent_requests, self._reply)
             self._drained_reported = False
-            self.stats = self._snapshot()
+            self.stats = self.loop.stats()
         except BaseException:
             # Never leave a live context to the garbage collector: its finalizer may block in zmq_term.
             self.router.close(linger=0)
@@ -93,44 +75,38 @@ class EngineServer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def serve(self) -> int:
-        """Run until told to stop (0), the launcher goes away or a step fails (1)."""
+        """Run until told to stop (0), the launcher goes away or the engine fails (1)."""
         self._heartbeat.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.conn.fileno(), zmq.POLLIN)
         next_parent_check = 0.0
+        loop = self.loop
         while True:
-            busy = self.engine.has_unfinished_requests()
-            ready = dict(poller.poll(0 if busy else IDLE_POLL_MS))
+            ready = dict(poller.poll(0 if loop.has_work() else IDLE_POLL_MS))
             if self.router in ready:
                 self._receive()
             if self.conn.fileno() in ready and self._control() == "stop":
-                self._fail_all(UnavailableError("the server is shutting down"))
+                self._stop_all("the server is shutting down")
                 return 0
-            if self.engine.has_unfinished_requests():
-                try:
-                    self._deliver(self.engine.step())
-                except Exception as e:
-                    logger.exception("engine step failed; failing %d requests and exiting", len(self.in_flight))
-                    self._fail_all(GenerationError(f"the engine failed: {type(e).__name__}: {e}"))
-                    return 1
+            try:
+                if loop.has_work():
+                    loop.step()
+                if time.monotonic() >= next_parent_check:
+                    next_parent_check = time.monotonic() + 1.0
+                    if not parent_alive():
+                        logger.error("the launcher is gone; exiting")
+                        self._stop_all("the server is shutting down")
+                        return 1
+                    loop.check_health()  # a tensor-parallel rank that died while the engine idled
+            except EngineFailed:
+                self._flush()
+                return 1
             self._flush()
-            self.stats = self._snapshot()
-            if self.draining and not self.in_flight and not self._drained_reported:
+            self.stats = loop.stats()
+            if loop.draining and not loop.in_flight and not self._drained_reported:
                 self._drained_reported = True
                 self._tell_launcher(("drained",))
-            if time.monotonic() >= next_parent_check:
-                next_parent_check = time.monotonic() + 1.0
-                if not parent_alive():
-                    logger.error("the launcher is gone; exiting")
-                    self._fail_all(UnavailableError("the server is shutting down"))
-                    return 1
-                try:  # a tensor-parallel rank that died while the engine idled
-                    self.engine.check_health()
-                except RuntimeError as e:
-                    logger.error("%s; exiting", e)
-                    self._fail_all(GenerationError(f"the engine failed: {e}"))
-                    return 1
 
     def close(self) -> None:
         self._stop.set()
@@ -138,6 +114,10 @@ class EngineServer:
             self._heartbeat.join(timeout=2)
         self.router.close()
         self.ctx.term()
+
+    def _stop_all(self, reason: str) -> None:
+        self.loop.fail_all(UnavailableError(reason))
+        self._flush()
 
     def _tell_launcher(self, message: tuple) -> None:
         try:
@@ -151,9 +131,8 @@ class EngineServer:
         except (EOFError, OSError):
             logger.error("the launcher's pipe closed; stopping")
             return "stop"
-        if command == "drain" and not self.draining:
-            logger.info("draining: %d requests in flight, new requests are refused", len(self.in_flight))
-            self.draining = True
+        if command == "drain":
+            self.loop.drain()
         return command if isinstance(command, str) else None
 
     # ---- requests in ------------------------------------------------------------------------
@@ -172,52 +151,15 @@ class EngineServer:
                 logger.exception("undecodable message from worker %s", identity.hex())
                 continue
             if isinstance(message, Submit):
-                self._submit(identity, message)
+                self.loop.submit((identity, message.tag), message.request)
             elif isinstance(message, Abort):
-                self._abort(f"{identity.hex()}/{message.tag}")
-
-    def _submit(self, identity: bytes, message: Submit) -> None:
-        request, key = message.request, f"{identity.hex()}/{message.tag}"
-        if self.draining:
-            return self._reply(identity, message.tag, UnavailableError("the server is shutting down"))
-        if len(self.in_flight) >= self.config.max_concurrent_requests:
-            return self._reply(identity, message.tag, OverloadedError("Model is overloaded"))
-        try:
-            self.engine.add_request(list(request.prompt_token_ids), request.params, key)
-        except ValueError as e:
-            return self._reply(identity, message.tag, ValidationError(str(e)))
-        except Exception as e:  # a bug for this request only: the engine state is unchanged
-            logger.exception("add_request failed")
-            return self._reply(identity, message.tag, GenerationError(f"{type(e).__name__}: {e}"))
-        self.in_flight[key] = _InFlight(identity, message.tag, request, time.time())
-
-    def _abort(self, key: str) -> None:
-        if self.in_flight.pop(key, None) is not None:
-            self.engine.abort_request(key)
+                self.loop.abort((identity, message.tag))
 
     # ---- events out -------------------------------------------------------------------------
 
-    def _reply(self, identity: bytes, tag: int, item: TokenEvent | EngineError) -> None:
+    def _reply(self, key: tuple[bytes, int], item: TokenEvent | EngineError) -> None:
+        identity, tag = key
         self.outbox[identity].append((tag, Failure.of(item) if isinstance(item, EngineError) else item))
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            record = self.in_flight.get(out.request_id)
-            if record is None:
-                continue
-            if out.finished:
-                del self.in_flight[out.request_id]
-            if out.error is not None:  # this request alone failed; the engine goes on
-                self._reply(record.identity, record.tag, GenerationError(failure_message(out.error)))
-                continue
-            self._reply(record.identity, record.tag, token_event(record.request, record.added_wall, out))
-
-    def _fail_all(self, error: EngineError) -> None:
-        for key, record in list(self.in_flight.items()):
-            self.engine.abort_request(key)
-            self._reply(record.identity, record.tag, error)
-        self.in_flight.clear()
-        self._flush()
 
     def _flush(self) -> None:
         for identity, replies in self.outbox.items():
@@ -225,26 +167,11 @@ class EngineServer:
                 self.router.send_multipart([identity, pickle.dumps(replies)], zmq.NOBLOCK)
             except zmq.ZMQError as e:  # the worker is gone (restarted or killed): drop its requests
                 logger.warning("worker %s unreachable (%s); aborting its requests", identity.hex(), e)
-                for key in [k for k, r in self.in_flight.items() if r.identity == identity]:
-                    self._abort(key)
+                for key in [k for k in self.loop.in_flight if k[0] == identity]:
+                    self.loop.abort(key)
         self.outbox.clear()
 
     # ---- stats ------------------------------------------------------------------------------
-
-    def _snapshot(self) -> EngineStats:
-        engine = self.engine
-        return EngineStats(
-            ready=True,
-            draining=self.draining,
-            queue_size=engine.scheduler.num_waiting,
-            batch_size=engine.scheduler.num_running,
-            in_flight=len(self.in_flight),
-            kv_cache_usage=engine.block_manager.usage,
-            kv_cache_blocks=engine.block_manager.num_blocks,
-            time=time.time(),
-            prefix_cache_hit_tokens=engine.block_manager.hit_tokens,
-            preemptions=engine.scheduler.num_preemptions,
-        )
 
     def _publish(self) -> None:
         """Heartbeat thread: publishes the latest snapshot, so stats stay fresh during a long step."""

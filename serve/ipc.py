@@ -99,7 +99,6 @@ class EngineFacts:
     max_model_len: int  # the engine's context (capped by MAX_TOTAL_TOKENS)
     dtype: str
     device_type: str
-    eos_token_ids: list[int]
     kv_cache_tokens: int
     max_batch_prefill_tokens: int
 
@@ -125,6 +124,28 @@ class WorkerConfig:
         if not isinstance(config, WorkerConfig):
             raise TypeError(f"{path} does not hold a WorkerConfig")
         return config
+
+
+def model_info(
+    facts: EngineFacts,
+    model_id: str,
+    max_input_tokens: int,
+    max_total_tokens: int,
+    max_concurrent_requests: int,
+    extra: dict | None = None,
+) -> ModelInfo:
+    """What /info reports: the engine's facts with the HTTP limits (the one builder, for both transports)."""
+    return ModelInfo(
+        model_id=model_id,
+        model_dtype=facts.dtype,
+        model_device_type=facts.device_type,
+        max_input_tokens=max_input_tokens,
+        max_total_tokens=max_total_tokens,
+        max_batch_total_tokens=facts.kv_cache_tokens,
+        max_batch_prefill_tokens=facts.max_batch_prefill_tokens,
+        max_concurrent_requests=max_concurrent_requests,
+        extra={"model_context": facts.model_context, **(extra or {})},
+    )
 
 
 def failure_message(error: str) -> str:

@@ -1,34 +1,33 @@
-"""LocalEngineClient: an in-process EngineClient that runs an LLMEngine loop in a background thread.
+"""LocalEngineClient: the in-process transport over the one EngineLoop, which it runs in a background thread (the
+HTTP tests and offline use; production runs the same loop in the engine process behind zmq, serve/engine_server.py).
 
-Request threads get a queue each; the loop thread alone touches the engine (add, step, abort) and
-publishes EngineStats. Admission (max_concurrent_requests, draining) is decided in the caller's
-thread at the first next(), so a 429 never waits on a step. Closing an iterator aborts its request.
+Request threads hand submissions and aborts to the loop thread, which alone touches the engine and delivers each
+request's events into its queue. Admission, failures and stats are the loop's, exactly as in production: a failed
+step fails every request in flight and stops the loop (stats turn None, so /ping answers 503).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from serve.engine_loop import EngineFailed, EngineLoop
+from serve.engine_process import facts
 from serve.engine_protocol import (
     EngineClient,
     EngineError,
     EngineStats,
     GenerateRequest,
-    GenerationError,
     ModelInfo,
-    OverloadedError,
     TokenEvent,
     UnavailableError,
-    ValidationError,
 )
-from serve.ipc import failure_message, token_event
+from serve.ipc import model_info
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +36,9 @@ class _Stream(Iterator[TokenEvent]):
     """One request's events; raises its admission or generation error from next()."""
 
     def __init__(self, client: LocalEngineClient, request: GenerateRequest) -> None:
-        self.client = client
-        self.request = request
+        self.client, self.request, self.key = client, request, next(client._keys)
         self.queue: queue.SimpleQueue[TokenEvent | EngineError] = queue.SimpleQueue()
-        self.started = self.done = self.closed = self.released = False
-        self.added_wall = 0.0  # time.time() when the engine took it
+        self.started = self.done = self.closed = False
 
     def __iter__(self) -> _Stream:
         return self
@@ -51,11 +48,7 @@ class _Stream(Iterator[TokenEvent]):
             raise StopIteration
         if not self.started:
             self.started = True
-            try:
-                self.client._admit(self)
-            except EngineError:  # OverloadedError / UnavailableError: never admitted, nothing to release
-                self.done = True
-                raise
+            self.client._submit(self)
         item: TokenEvent | EngineError | None = None
         while item is None:
             try:
@@ -91,29 +84,19 @@ class LocalEngineClient(EngineClient):
         stats_interval_s: float = 0.2,
     ) -> None:
         self.engine = engine
-        self.max_concurrent_requests = max_concurrent_requests
         self.stats_interval_s = stats_interval_s
-        self._cond = threading.Condition(threading.RLock())
-        self._pending: list[_Stream] = []  # admitted, not yet given to the engine
+        self._streams: dict[int, _Stream] = {}  # submitted, until their last event; loop thread only
+        self.loop = EngineLoop(engine, max_concurrent_requests, self._deliver)
+        self._cond = threading.Condition()
+        self._pending: list[_Stream] = []
         self._aborts: list[_Stream] = []
-        self._streams: dict[str, _Stream] = {}  # in the engine; loop thread only
-        self._in_flight = 0
-        self._draining = self._stopping = False
+        self._keys = itertools.count()
+        self._stopping = False
         self._stats: EngineStats | None = None
-        self._stats_at = 0.0
         self._thread: threading.Thread | None = None
-        self._num_threads = engine.config.num_threads
-        self._info = ModelInfo(
-            model_id=model_id or str(engine.config.model or "default"),
-            model_dtype=str(engine.runner.dtype),
-            model_device_type=engine.runner.device.type,
-            max_input_tokens=engine.max_model_len - 1,
-            max_total_tokens=engine.max_model_len,
-            max_batch_total_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size,
-            max_batch_prefill_tokens=engine.config.max_batch_prefill_tokens,
-            max_concurrent_requests=max_concurrent_requests,
-            eos_token_ids=sorted(engine.eos_token_ids),
-        )
+        label = model_id or str(engine.config.model or "default")
+        limit = engine.max_model_len
+        self._info = model_info(facts(engine), label, limit - 1, limit, max_concurrent_requests)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -126,8 +109,7 @@ class LocalEngineClient(EngineClient):
     def drain(self, draining: bool = True) -> None:
         """Refuse new requests (503) and report draining; running ones finish. drain(False) resumes."""
         with self._cond:
-            self._draining = draining
-            self._stats_at = 0.0  # publish the change at the next loop turn
+            self.loop.drain(draining)
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -150,7 +132,9 @@ class LocalEngineClient(EngineClient):
 
     @property
     def num_in_flight(self) -> int:
-        return self._in_flight
+        """Requests submitted and not finished (those the loop has not taken yet included), read live."""
+        with self._cond:
+            return len(self.loop.in_flight) + len(self._pending)
 
     # ---- EngineClient -----------------------------------------------------------------------
 
@@ -165,129 +149,74 @@ class LocalEngineClient(EngineClient):
 
     # ---- request threads --------------------------------------------------------------------
 
-    def _admit(self, stream: _Stream) -> None:
+    def _submit(self, stream: _Stream) -> None:
         with self._cond:
             if not self.running:
                 raise UnavailableError("the engine is not running")
-            if self._draining:
-                raise UnavailableError("the server is draining")
-            if self._in_flight >= self.max_concurrent_requests:
-                raise OverloadedError("Model is overloaded")
-            self._in_flight += 1
             self._pending.append(stream)
             self._cond.notify()
 
     def _abort(self, stream: _Stream) -> None:
         with self._cond:
-            if stream in self._pending:
-                self._pending.remove(stream)
-                self._release(stream)
-            elif not stream.released:
-                self._aborts.append(stream)
-                self._cond.notify()
-
-    def _release(self, stream: _Stream) -> None:
-        with self._cond:
-            if not stream.released:
-                stream.released = True
-                self._in_flight -= 1
+            self._aborts.append(stream)
+            self._cond.notify()
 
     # ---- the loop thread --------------------------------------------------------------------
 
+    def _deliver(self, key: int, item: TokenEvent | EngineError) -> None:
+        stream = self._streams.get(key)
+        if stream is None:
+            return
+        if isinstance(item, EngineError) or item.finished:
+            del self._streams[key]
+        stream.queue.put(item)
+
     def _run(self) -> None:
-        if self._num_threads:
+        if self.engine.config.num_threads:
             import torch
 
-            torch.set_num_threads(self._num_threads)
+            torch.set_num_threads(self.engine.config.num_threads)
+        loop = self.loop
         self._publish()
         try:
             while True:
                 with self._cond:
-                    while not (
-                        self._stopping or self._pending or self._aborts or self.engine.has_unfinished_requests()
-                    ):
+                    while not (self._stopping or self._pending or self._aborts or loop.has_work()):
                         self._cond.wait(self.stats_interval_s)
-                        self._publish_if_due()
+                        self._publish()
                     if self._stopping:
                         break
                     pending, self._pending = self._pending, []
                     aborts, self._aborts = self._aborts, []
-                self._add(pending)
+                for stream in pending:
+                    self._streams[stream.key] = stream
+                    loop.submit(stream.key, stream.request)
                 for stream in aborts:
-                    self._drop(stream)
-                if self.engine.has_unfinished_requests():
-                    self._step()
-                self._publish_if_due()
+                    self._streams.pop(stream.key, None)
+                    loop.abort(stream.key)
+                if pending or aborts:
+                    self._publish()
+                if loop.has_work():
+                    loop.step()
+                self._publish()
+        except EngineFailed:
+            pass  # every request in flight has its GenerationError; the loop stops, as the engine process exits
         except BaseException:
             logger.exception("engine loop crashed")
         finally:
             self._shutdown()
 
-    def _add(self, pending: list[_Stream]) -> None:
-        for stream in pending:
-            r = stream.request
-            try:
-                self.engine.add_request(r.prompt_token_ids, r.params, r.request_id)
-            except ValueError as e:
-                stream.queue.put(ValidationError(str(e)))
-                self._release(stream)
-                continue
-            stream.added_wall = time.time()
-            self._streams[r.request_id] = stream
-
-    def _drop(self, stream: _Stream) -> None:
-        if self._streams.get(stream.request.request_id) is stream:
-            del self._streams[stream.request.request_id]
-            self.engine.abort_request(stream.request.request_id)
-        self._release(stream)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # the batch is lost: fail its requests, free their KV, keep serving
-            logger.exception("engine step failed")
-            for stream in list(self._streams.values()):
-                stream.queue.put(GenerationError(f"Request failed during generation: {e}"))
-                self._drop(stream)
-            return
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            stream.queue.put(GenerationError(failure_message(out.error)) if out.error else _event(stream, out))
-            if out.finished:
-                del self._streams[out.request_id]
-                self._release(stream)
-
     def _shutdown(self) -> None:
         with self._cond:
             self._stopping = True
-            leftovers = self._pending + self._aborts
+            leftovers = self._pending
             self._pending, self._aborts = [], []
-        for stream in list(self._streams.values()) + leftovers:
+        self.loop.fail_all(UnavailableError("the engine stopped"))
+        for stream in leftovers:
             stream.queue.put(UnavailableError("the engine stopped"))
-            self._drop(stream)
         self._stats = None
 
-    def _publish_if_due(self) -> None:
-        if time.monotonic() - self._stats_at >= self.stats_interval_s:
-            self._publish()
-
     def _publish(self) -> None:
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        self._stats = EngineStats(
-            ready=not self._stopping,
-            draining=self._draining,
-            queue_size=scheduler.num_waiting + len(self._pending),
-            batch_size=scheduler.num_running,
-            in_flight=self._in_flight,
-            kv_cache_usage=blocks.usage,
-            kv_cache_blocks=blocks.num_blocks,
-            time=time.time(),
-            prefix_cache_hit_tokens=blocks.hit_tokens,
-        )
-        self._stats_at = time.monotonic()
-
-
-def _event(stream: _Stream, out: RequestOutput) -> TokenEvent:
-    return token_event(stream.request, stream.added_wall, out)
+        with self._cond:
+            pending = len(self._pending)
+        self._stats = self.loop.stats(pending=pending, ready=not self._stopping)

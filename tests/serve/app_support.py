@@ -52,6 +52,15 @@ class Served:
         app.test_client_class = BufferedClient
         return app
 
+    def ensure_running(self) -> None:
+        """A failed step stops the engine loop, as it ends the engine process in production: the next test gets a
+        new loop over the same engine."""
+        if not self.client.running:
+            self.client = LocalEngineClient(self.engine, max_concurrent_requests=16, model_id="tiny-llama").start()
+        deadline = time.monotonic() + 10
+        while self.client.stats() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def idle(self, timeout: float = 10.0) -> bool:
         """Wait until the engine has no request and every KV block is free."""
         bm = self.engine.block_manager
@@ -91,9 +100,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
         tokenizer = AutoTokenizer.from_pretrained(path)  # the worker's own copy, as under gunicorn
         _SERVED.append(Served(path, engine, client, tokenizer, config))
     s = _SERVED[0]
-    deadline = time.monotonic() + 10
-    while s.client.stats() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    s.ensure_running()
     return s
 
 

@@ -177,7 +177,7 @@ def gate(serve_env: Served, monkeypatch: pytest.MonkeyPatch) -> Iterator[threadi
 def test_overloaded_429(
     serve_env: Served, api: FlaskClient, gate: threading.Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: E501
-    monkeypatch.setattr(serve_env.client, "max_concurrent_requests", 2)
+    monkeypatch.setattr(serve_env.client.loop, "max_concurrent_requests", 2)
     body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
     results: list[int] = []
     threads = [
@@ -189,17 +189,22 @@ def test_overloaded_429(
     while serve_env.client.num_in_flight < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
     assert serve_env.client.num_in_flight == 2
-    assert error(api.post("/generate", json=body), 429, "overloaded") == "Model is overloaded"
-    assert error(api.post("/generate_stream", json=body), 429, "overloaded") == "Model is overloaded"
+    # Admission is the engine loop's (as in the engine process): requests beyond the limit are refused at the loop's
+    # next turn, once the step in progress ends.
     chat = {**CHAT, "max_tokens": 2, "stream": True}
-    assert error(api.post("/v1/chat/completions", json=chat), 429, "overloaded") == "Model is overloaded"
+    over = [("/generate", body), ("/generate_stream", body), ("/v1/chat/completions", chat)]
+    refused: list = []
+    extra = [threading.Thread(target=lambda r=r, b=b: refused.append(api.post(r, json=b))) for r, b in over]
+    for t in extra:
+        t.start()
     started = time.perf_counter()
-    assert api.get("/ping").status_code == 200  # the engine loop is stuck, /ping is not
+    assert api.get("/ping").status_code == 200  # the engine loop is stuck in a step, /ping is not
     assert time.perf_counter() - started < 0.5
     gate.set()
-    for t in threads:
+    for t in threads + extra:
         t.join(10)
     assert results == [200, 200]
+    assert [error(r, 429, "overloaded") for r in refused] == ["Model is overloaded"] * 3
     assert issubclass(OverloadedError, Exception)
 
 
@@ -215,13 +220,26 @@ def failing_step(serve_env: Served, after: int) -> Callable[[], list]:
     return step
 
 
-def test_generation_failure_424(serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_step_fails_the_engine(serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that raises (the model or the device failed) fails every request in flight with 424 and stops the
+    engine loop, as in the engine process: /ping turns 503 and later requests get 503 (the container is replaced)."""
     monkeypatch.setattr(serve_env.engine, "step", failing_step(serve_env, after=3))
     r = api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
-    assert error(r, 424, "generation") == "Request failed during generation: boom"
-    # a failure before the first token is a real status for a stream too
+    assert error(r, 424, "generation") == "the engine failed: RuntimeError: boom"
+    deadline = time.monotonic() + 5
+    while serve_env.client.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert error(api.get("/ping"), 503, "unhealthy") == "unhealthy: the engine is not ready"
+    r = api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    assert error(r, 503, "unhealthy")
+
+
+def test_a_failed_step_before_the_first_token_is_a_real_status_for_a_stream(
+    serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serve_env.engine, "step", failing_step(serve_env, after=0))
     r = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
-    assert error(r, 424, "generation") == "Request failed during generation: boom"
+    assert error(r, 424, "generation") == "the engine failed: RuntimeError: boom"
 
 
 def test_generation_failure_mid_stream_is_an_sse_error(
@@ -231,14 +249,51 @@ def test_generation_failure_mid_stream_is_an_sse_error(
     r = api.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
     assert r.status_code == 200
     events = sse_events(r.get_data())
-    assert events[-1] == {"error": "Request failed during generation: boom", "error_type": "generation"}
+    assert events[-1] == {"error": "the engine failed: RuntimeError: boom", "error_type": "generation"}
     assert all("token" in e for e in events[:-1]) and len(events) == 4
-    monkeypatch.undo()
+
+
+def test_generation_failure_mid_chat_stream_is_an_sse_error(
+    serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(serve_env.engine, "step", failing_step(serve_env, after=2))
     r = api.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20, "stream": True})
     events = sse_events(r.get_data())
-    assert events[-1] == {"error": "Request failed during generation: boom", "error_type": "generation"}
+    assert events[-1] == {"error": "the engine failed: RuntimeError: boom", "error_type": "generation"}
     assert "[DONE]" not in events
+
+
+def test_one_requests_failure_leaves_the_others_and_the_engine(
+    serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure of one request's own (its sampling row) answers it 424 while a concurrent request finishes and
+    the engine serves on: the engine's isolation, through the HTTP layer."""
+    from engine.sampler import Sampler
+
+    real = Sampler.__call__
+
+    def poisoned(self, logits, requests):
+        if any(r.params.top_n_tokens == 3 for r in requests):
+            logits = logits.clone()
+            row = next(i for i, r in enumerate(requests) if r.params.top_n_tokens == 3)
+            logits[row] = float("nan")
+        return real(self, logits, requests)
+
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
+    results: dict[str, object] = {}
+    good = threading.Thread(
+        target=lambda: results.update(
+            good=api.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 12}})
+        )
+    )
+    good.start()
+    bad = api.post(
+        "/generate", json={"inputs": "Hey", "parameters": {"max_new_tokens": 12, "top_n_tokens": 3, "details": True}}
+    )
+    good.join(10)
+    assert "not finite" in error(bad, 424, "generation")
+    assert results["good"].status_code == 200  # type: ignore[attr-defined]
+    assert api.get("/ping").status_code == 200 and serve_env.client.running
 
 
 def test_draining_503(serve_env: Served, api: FlaskClient) -> None:
@@ -249,8 +304,8 @@ def test_draining_503(serve_env: Served, api: FlaskClient) -> None:
             time.sleep(0.01)
         assert error(api.get("/ping"), 503, "unhealthy") == "unhealthy: the server is draining"
         body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
-        assert error(api.post("/generate", json=body), 503, "unhealthy") == "the server is draining"
-        assert error(api.post("/generate_stream", json=body), 503, "unhealthy") == "the server is draining"
+        assert error(api.post("/generate", json=body), 503, "unhealthy") == "the server is shutting down"
+        assert error(api.post("/generate_stream", json=body), 503, "unhealthy") == "the server is shutting down"
     finally:
         serve_env.client.drain(False)
     deadline = time.monotonic() + 5

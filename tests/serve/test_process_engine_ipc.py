@@ -91,7 +91,7 @@ def wait_until(predicate, timeout: float = 10) -> None:
 
 
 def test_stream_reports_every_token_and_timings(engine: Engine) -> None:
-    assert engine.facts.max_model_len == 2048 and engine.facts.eos_token_ids == [1]
+    assert engine.facts.max_model_len == 2048
     events = list(engine.client.generate(request("a", 12)))
     assert [len(e.token_ids) for e in events] == [1] * 12
     last = events[-1]

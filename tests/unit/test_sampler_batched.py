@@ -167,3 +167,14 @@ def test_a_non_finite_row_fails_alone() -> None:
 def test_unrepresentable_values_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_plain_greedy_row_fails_too(fused: bool) -> None:
+    """Greedy rows with no processing are flagged too (the fused CPU pick included), never answered with id 0."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5))
+    logits[1] = float("nan")
+    reqs = [SamplingRequest(SamplingParams(), []) for _ in range(3)]
+    out = Sampler(fused=fused)(logits, reqs)
+    assert [o.error for o in out] == [None, NON_FINITE, None]
+    assert Sampler().reference(logits, reqs)[1].error == NON_FINITE

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig
 from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
+from engine.quant.config import QuantConfig
 
 # Decode batch sizes captured as CUDA graphs (each step pads up to the next one), as far as max_num_seqs.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -25,6 +26,7 @@ class ExecutionPlan:
     cpu_gemm: bool | None  # CPU bf16 matmuls: the compiled GEMM (True), oneDNN (False); None off the CPU
     decoder_stack: bool  # CPU bf16: every decoder layer in one compiled call, where the model allows it
     cuda_graphs: tuple[int, ...]  # decode batch sizes replayed as CUDA graphs; () = eager
+    quant: str = "none"  # "none" or "<method> on <kernel>" (resolve_quant_kernel)
 
     def describe(self) -> str:
         matmul = {None: "cublas", True: "gemm_kernel", False: "onednn"}[self.cpu_gemm]
@@ -35,7 +37,7 @@ class ExecutionPlan:
         return (
             f"device={self.device} dtype={dtype} attention={self.attention} matmul={matmul} "
             f"fused_ops={'on' if self.fused_ops else 'off'} decoder_stack={'on' if self.decoder_stack else 'off'} "
-            f"graphs={graphs} sampler=device"
+            f"graphs={graphs} sampler=device quant={self.quant.replace(' ', '_')}"
         )
 
 
@@ -95,16 +97,38 @@ def resolve_attention(
     return requested
 
 
+def resolve_quant_kernel(config: EngineConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The matmul of the quantized layers (engine/quant/matmul.py): its kernel, else the dequantizing twin."""
+    from engine.quant import cpu_kernel
+
+    if not config.quant_kernel:
+        return "twin"
+    if quant.method.startswith("bitsandbytes"):
+        return "bitsandbytes"
+    if quant.method == "fp8":
+        fp8_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+        return "scaled_mm" if fp8_gpu else "dequantized"  # FP8 checkpoints elsewhere: served in the dtype
+    if device.type == "cuda":
+        return "triton" if triton_available(device) is None else "twin"
+    return "cpu_kernel" if dtype == torch.bfloat16 and cpu_kernel.available() else "twin"
+
+
 def resolve_plan(
-    config: EngineConfig, device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    quant: str = "none",
 ) -> ExecutionPlan:
     attention = resolve_attention(config, device, dtype, head_dim, block_size)
     on_cpu = device.type == "cpu"
     fused = on_cpu and config.cpu_fused_ops and cpu_fused_ops.supports(device, dtype)
     gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
-    stack = attention == "cpu_paired" and fused and bool(gemm) and config.cpu_decoder_stack
+    # the decoder stack runs the 16-bit GEMM kernel's weights only: it steps aside for quantized models
+    stack = attention == "cpu_paired" and fused and bool(gemm) and config.cpu_decoder_stack and quant == "none"
     graphs: tuple[int, ...] = ()
     if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn"):
         graphs = tuple(b for b in GRAPH_BUCKETS if b < config.max_num_seqs) + (min(config.max_num_seqs, 512),)
         graphs = tuple(sorted(set(graphs)))
-    return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs)
+    return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs, quant)

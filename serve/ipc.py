@@ -102,6 +102,7 @@ class EngineFacts:
     eos_token_ids: list[int]
     kv_cache_tokens: int
     max_batch_prefill_tokens: int
+    quantize: str = "none"  # the plan's quantization: "none" or "<method> on <kernel>"
 
 
 @dataclass(frozen=True)

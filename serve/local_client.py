@@ -113,6 +113,7 @@ class LocalEngineClient(EngineClient):
             max_batch_prefill_tokens=engine.config.max_batch_prefill_tokens,
             max_concurrent_requests=max_concurrent_requests,
             eos_token_ids=sorted(engine.eos_token_ids),
+            extra={"quantize": engine.runner.plan.quant},
         )
 
     # ---- lifecycle --------------------------------------------------------------------------

@@ -179,7 +179,10 @@ class LlamaForCausalLM(nn.Module):
             else:
                 params[name].data.copy_(materialize(tensor))
             loaded.add(name)
-        missing = [n for n in params if n not in loaded and not self._packed_complete(n, loaded)]
+        missing = [
+            n for n, p in params.items()
+            if n not in loaded and not getattr(p, "optional", False) and not self._packed_complete(n, loaded)
+        ]  # fmt: skip
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:5])}")
 

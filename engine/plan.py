@@ -125,8 +125,10 @@ def resolve_plan(
     on_cpu = device.type == "cpu"
     fused = on_cpu and config.cpu_fused_ops and cpu_fused_ops.supports(device, dtype)
     gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
-    # the decoder stack runs the 16-bit GEMM kernel's weights only: it steps aside for quantized models
-    stack = attention == "cpu_paired" and fused and bool(gemm) and config.cpu_decoder_stack and quant == "none"
+    # the decoder stack runs the bf16 GEMM kernel's weights, or the int kernel's (engine/quant); it steps aside for
+    # other quantized matmuls
+    on_kernel = bool(gemm) if quant == "none" else quant.endswith(" on cpu_kernel")
+    stack = attention == "cpu_paired" and fused and on_kernel and config.cpu_decoder_stack
     graphs: tuple[int, ...] = ()
     if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn"):
         graphs = tuple(b for b in GRAPH_BUCKETS if b < config.max_num_seqs) + (min(config.max_num_seqs, 512),)

@@ -115,21 +115,21 @@ def resolve_quantization(
     """The quantization to serve with; None: the serving dtype throughout (GGUF dequantized)."""
     found, qc = checkpoint_method(hf_config)
     if requested is not None and requested not in METHODS:
-        raise QuantizationError(f"{variable} must be one of {', '.join(METHODS)}, got {requested!r}")
+        raise QuantizationError(f"quantization must be one of {', '.join(METHODS)}, got {requested!r}")
     if found is not None:
         conf = _from_checkpoint(found, qc)
         same = requested in (None, found, conf.method) or (found == "bitsandbytes" and requested == conf.method)
         if not same:
             raise QuantizationError(
-                f"{variable}={requested} contradicts the checkpoint, which is {conf.method}-quantized "
-                f"(quantization_config.quant_method={qc.get('quant_method')!r}); leave {variable} unset or set "
+                f"{requested} contradicts the checkpoint, which is {conf.method}-quantized "
+                f"(quantization_config.quant_method={qc.get('quant_method')!r}); leave the quantization unset or set "
                 f"{conf.method}"
             )
-        check_device(conf, device, variable)
+        check_device(conf, device)
         return conf
     if requested in ("gptq", "awq"):
         raise QuantizationError(
-            f"{variable}={requested} needs a {requested.upper()} checkpoint (config.json quantization_config), "
+            f"{requested} needs a {requested.upper()} checkpoint (config.json quantization_config), "
             f"but the model has none; use int4 to quantize 16-bit weights at load"
         )
     if gguf:
@@ -138,24 +138,24 @@ def resolve_quantization(
         if requested == "none":
             return None
     elif requested == "gguf":
-        raise QuantizationError(f"{variable}=gguf needs a .gguf model file")
+        raise QuantizationError("gguf needs a .gguf model file")
     if requested in (None, "none"):
         return None
     bits = {"int4": 4, "int8": 8, "fp8": 8, "bitsandbytes": 8}.get(requested, 4)
     conf = QuantConfig(requested, bits, group_size, sym=requested == "int8")
-    check_device(conf, device, variable)
+    check_device(conf, device)
     return conf
 
 
-def check_device(conf: QuantConfig, device: torch.device, variable: str) -> None:
+def check_device(conf: QuantConfig, device: torch.device) -> None:
     if conf.method == "fp8" and not conf.pre_quantized:
         cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if cap is None or cap < (8, 9):
             where = "the CPU" if cap is None else f"a GPU of compute capability {cap[0]}.{cap[1]}"
             raise QuantizationError(
-                f"{variable}=fp8 needs a GPU with FP8 (compute capability 8.9+: L4, L40S, H100), not {where}"
+                f"fp8 needs a GPU with FP8 (compute capability 8.9+: L4, L40S, H100), not {where}"
             )
     if conf.method.startswith("bitsandbytes") and importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationError(
-            f"{variable}={conf.method} needs the bitsandbytes package (pip install 'sagemaker-llm-server[quant]')"
+            f"{conf.method} needs the bitsandbytes package (pip install 'sagemaker-llm-server[quant]')"
         )

@@ -28,7 +28,14 @@ def _lib() -> ctypes.CDLL | None:
 
 def bind_gemm_q(lib: ctypes.CDLL) -> ctypes.CDLL:
     bind(lib, ["gemm_q"], _ARGTYPES)
+    bind(lib, ["gemm_q_desc"], [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT])
     return lib
+
+
+class QDesc(ctypes.Structure):
+    """A packed weight as csrc/gemm_q.c's gemm_q_desc reads it (the decoder stack's GEMM pointer takes one)."""
+
+    _fields_ = [("codes", _P), ("scales", _P), ("offsets", _P), ("bits", _I64), ("offset_kind", _I64), ("group", _I64)]
 
 
 def available() -> bool:
@@ -36,8 +43,8 @@ def available() -> bool:
 
 
 def supports(w: IntWeight) -> bool:
-    """Groups of a multiple of 4 inputs (pair steps in twos) and no act-order permutation left to apply."""
-    return w.group_size % 4 == 0 and w.bits in (4, 8)
+    """Groups of a multiple of 8 inputs (int4 codes come in quads of pair steps)."""
+    return w.group_size % 8 == 0 and w.bits in (4, 8)
 
 
 @dataclass
@@ -51,6 +58,12 @@ class PackedInt:
     n: int
     k: int
     perm: torch.Tensor | None  # [K] inputs gathered in this order before the matmul (act-order)
+
+    def desc(self) -> QDesc:
+        """The descriptor for gemm_q_desc (it points into this weight's tensors: keep the weight alive)."""
+        offsets = None if self.offsets is None else self.offsets.data_ptr()
+        kind = OFFSET_KINDS.index(self.offset_kind)
+        return QDesc(self.codes.data_ptr(), self.scales.data_ptr(), offsets, self.bits, kind, self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -71,8 +84,9 @@ def pack(w: IntWeight) -> PackedInt:
     codes = F.pad(w.codes, (0, 0, 0, n_pad - n)).view(n_pad // LANES, LANES, k // 2, 2)
     codes = codes.permute(0, 2, 1, 3).reshape(n_pad // LANES, k // 2, 2 * LANES)  # [panel, pair step, element]
     if w.bits == 4:
-        steps = codes.view(n_pad // LANES, k // 4, 2, 2 * LANES)  # pair steps 2t and 2t+1
-        data = (steps[:, :, 0] | (steps[:, :, 1] << 4)).contiguous()
+        quads = codes.view(n_pad // LANES, k // 8, 4, 2 * LANES).to(torch.int32)  # pair steps 4t..4t+3
+        data = quads[:, :, 0] | (quads[:, :, 1] << 4) | (quads[:, :, 2] << 8) | (quads[:, :, 3] << 12)
+        data = data.to(torch.int16).contiguous().view(torch.uint8)  # [panel, quad, element] uint16, little-endian
     else:
         data = codes.contiguous().view(torch.uint8)
     offsets = None if w.offsets is None else _panels(w.offsets, n_pad)
@@ -84,8 +98,9 @@ def pack(w: IntWeight) -> PackedInt:
 def unpack(p: PackedInt) -> IntWeight:
     panels = p.scales.shape[0]
     if p.bits == 4:
-        data = p.codes.view(panels, p.k // 4, 1, 2 * LANES)
-        codes = torch.cat([data & 15, data >> 4], dim=2).view(panels, p.k // 2, 2 * LANES)
+        data = p.codes.view(torch.int16).view(panels, p.k // 8, 1, 2 * LANES).to(torch.int32) & 0xFFFF
+        codes = torch.cat([(data >> (4 * j)) & 15 for j in range(4)], dim=2).to(torch.uint8)
+        codes = codes.view(panels, p.k // 2, 2 * LANES)
     else:
         codes = p.codes.view(torch.int8).view(panels, p.k // 2, 2 * LANES)
     codes = codes.view(panels, p.k // 2, LANES, 2).permute(0, 2, 1, 3).reshape(panels * LANES, p.k)[: p.n]

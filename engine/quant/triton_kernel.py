@@ -1,6 +1,6 @@
 """Triton dequantize-GEMM for int4 / int8 weights on GPUs: y[M, N] = x[M, K] @ W^T (+ bias), reading the packed
-weight in the CPU kernel's panels (engine/quant/cpu_kernel.py: 16 outputs per panel; int4 step pairs of 32 bytes,
-int8 pair steps of 32 bytes; fp16 scales and offsets [panel, group, 16]). Each program dequantizes a [BLOCK_K,
+weight in the CPU kernel's panels (engine/quant/cpu_kernel.py: 16 outputs per panel; int4 quads of pair steps as 32
+uint16, int8 pair steps of 32 bytes; fp16 scales and offsets [panel, group, 16]). Each program dequantizes a [BLOCK_K,
 BLOCK_N] tile (w = (q - z) * s, q * s + m or q * s, per input's group) in float32 and multiplies it in x's dtype
 with float32 accumulation. GPTQ act-order inputs are gathered into group order first (PackedInt.perm). Tests run it
 in Triton's interpreter on CPU tensors and compile it for sm_80 / sm_90 without a GPU.
@@ -33,10 +33,11 @@ def _int_gemm_kernel(
         )
         wmask = (rk[:, None] < K) & (rn[None, :] < N)
         element = 2 * lane[None, :] + (rk[:, None] % 2)  # [BLOCK_K, BLOCK_N]
-        if BITS == 4:
-            addr = panel[None, :].to(tl.int64) * (K * 8) + (rk[:, None] // 4) * 32 + element
+        if BITS == 4:  # uint16 [quad][element]: step j of the quad in bits 4j..4j+3 (little-endian bytes)
+            j = (rk[:, None] // 2) % 4
+            addr = panel[None, :].to(tl.int64) * (K * 8) + (rk[:, None] // 8) * 64 + 2 * element + j // 2
             byte = tl.load(codes_ptr + addr, mask=wmask, other=0).to(tl.int32)
-            q = ((byte >> (((rk[:, None] // 2) % 2) * 4)) & 15).to(tl.float32)
+            q = ((byte >> ((j % 2) * 4)) & 15).to(tl.float32)
         else:
             addr = panel[None, :].to(tl.int64) * (K * 16) + (rk[:, None] // 2) * 32 + element
             q = tl.load(codes_ptr.to(tl.pointer_type(tl.int8)) + addr, mask=wmask, other=0).to(tl.float32)

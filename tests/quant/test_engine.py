@@ -200,3 +200,24 @@ def test_quantized_weights_take_their_share_of_memory(method: str, ratio: float,
     assert all(not isinstance(getattr(m, "weight", None), torch.nn.Parameter) or m.weight.numel() == 0
                for m in llm.engine.runner.model.modules() if getattr(m, "qmatmul", None) is not None)  # fmt: skip
     llm.close()
+
+
+@pytest.mark.parametrize(("model", "method"), [("llama_gqa", "int4"), ("qwen2", "int8"), ("gptq", None), ("awq", None)])
+def test_the_decoder_stack_runs_the_int_kernel_bit_for_bit(
+    model: str, method: str | None, quant_models: QuantModels
+) -> None:
+    """CPU bf16: every decoder layer in one compiled call, through the same int kernel as the per-module path; qwen2
+    adds qkv biases. Act-order GPTQ (an input gather) and bitsandbytes leave it to the modules."""
+    path = str(quant_models(model) if method is None else quant_models.tiny_models(model))
+    prompts = PROMPTS + [random_prompt(70, seed=34)]
+    stacked = LLM(path, dtype="bfloat16", quantize=method, **CONFIG)
+    modules = LLM(path, dtype="bfloat16", quantize=method, cpu_decoder_stack=False, **CONFIG)
+    assert stacked.engine.runner.decoder_stack and not modules.engine.runner.decoder_stack
+    for got, want in zip(stacked.generate(prompts, greedy(NEW)), modules.generate(prompts, greedy(NEW)), strict=True):
+        assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+    for llm in (stacked, modules):
+        llm.close()
+    for path, method in ((quant_models("gptq_act"), None), (quant_models.tiny_models("llama_gqa"), "bitsandbytes-nf4")):
+        aside = LLM(str(path), dtype="bfloat16", quantize=method, **CONFIG)
+        assert not aside.engine.runner.decoder_stack
+        aside.close()

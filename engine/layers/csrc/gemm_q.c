@@ -4,9 +4,10 @@
  * below 256) and multiplied with x by vdpbf16ps into a per-group fp32 accumulator; at each group's end
  * acc += acc_g * s + m * sum(x over the group), so no weight is ever rounded: the result is the float32 product
  * with the dequantized weight up to summation order (engine/quant/cpu_kernel.py packs; its twin dequantizes).
- * Layout per panel of 16 outputs (zero-padded): int4 [K/4][32] bytes, byte e of step pair t holding the codes of
- * element e (lane e/2, input 4t + e%2) of pair steps 2t (low nibble) and 2t+1 (high nibble); int8 [K/2][32] int8 in
- * the same element order. Scales and offsets [panel][G][16] fp16. Threads take contiguous ranges of panels.
+ * Layout per panel of 16 outputs (zero-padded): int4 [K/8][32] uint16, element e (lane e/2, input pair slot e%2)
+ * of pair steps 4t..4t+3 in bits 0-3, 4-7, 8-11, 12-15 of its uint16 (inputs 8t + 2j + e%2 for step 4t + j); int8
+ * [K/2][32] int8 in the same element order. Scales and offsets [panel][G][16] fp16. Threads take contiguous
+ * ranges of panels.
  */
 #include <stdlib.h>
 
@@ -28,15 +29,13 @@ INLINE vf bf16_load16(const bf16 *p, int lanes) {
 INLINE void bf16_store16(bf16 *p, vf x, int lanes) {
     _mm256_mask_storeu_epi16(p, MASK(lanes), (__m256i)_mm512_cvtneps_pbh((__m512)x));
 }
-/* 32 bytes of int4 codes -> the bf16 pairs of two consecutive pair steps */
-INLINE void decode4(const uint8_t *p, vp *a, vp *b) {
-    const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150,
-                                           0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
-                                           0x4040, 0x4000, 0x3F80, 0x0000);
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    *a = _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), table);
-    *b = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+/* 32 lanes of 4 nibbles (one quad of pair steps) -> the bf16 pairs of step j: 128 + q, exactly (0x4300 is 128.0,
+ * the code its low mantissa bits), so no table or conversion is needed; the 128 is taken back with the offsets */
+INLINE vp decode4(__m512i v, int j) {
+    return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4 * j), _mm512_set1_epi16(15)),
+                           _mm512_set1_epi16(0x4300));
 }
+INLINE __m512i load_quad(const uint8_t *p) { return _mm512_loadu_si512(p); }
 /* 32 int8 codes -> the bf16 pairs of one pair step */
 INLINE vp decode8(const int8_t *p) {
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -69,14 +68,12 @@ INLINE vf bf16_load16(const bf16 *p, int lanes) {
 INLINE void bf16_store16(bf16 *p, vf x, int lanes) {
     for (int i = 0; i < lanes; i++) p[i] = f32_to_bf16(x[i]);
 }
-static const uint16_t BF16_SMALL[16] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-                                        0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-INLINE void decode4(const uint8_t *p, vp *a, vp *b) {
-    for (int l = 0; l < 16; l++) {
-        const uint8_t e0 = p[2 * l], e1 = p[2 * l + 1];
-        (*a)[l] = BF16_SMALL[e0 & 15] | (uint32_t)BF16_SMALL[e1 & 15] << 16;
-        (*b)[l] = BF16_SMALL[e0 >> 4] | (uint32_t)BF16_SMALL[e1 >> 4] << 16;
-    }
+typedef uint16_t vq __attribute__((vector_size(64)));
+INLINE vp decode4(vq v, int j) { return (vp)(((v >> (4 * j)) & 15) | 0x4300); }
+INLINE vq load_quad(const uint8_t *p) {
+    vq v;
+    memcpy(&v, p, sizeof(v));
+    return v;
 }
 INLINE vp decode8(const int8_t *p) {
     vp r;
@@ -108,14 +105,23 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, const float *xsum, int mr, co
             for (int j = 0; j < nr; j++) ga[a][j] = gb[a][j] = (vf){0};
         const int64_t i0 = g * steps;
         if (w->bits == 4) {
-            for (int64_t i = i0; i < i0 + steps; i += 2) {
-                vp wa[NR1], wb[NR1];
-                for (int j = 0; j < nr; j++) decode4(codes + j * panel_bytes + 16 * i, &wa[j], &wb[j]);
-                for (int a = 0; a < mr; a++) {
-                    const vp xa = pair_bcast(x + a * xs + 2 * i), xb = pair_bcast(x + a * xs + 2 * i + 2);
-                    for (int j = 0; j < nr; j++) {
-                        ga[a][j] = dot2(ga[a][j], wa[j], xa);
-                        gb[a][j] = dot2(gb[a][j], wb[j], xb);
+            for (int64_t i = i0; i < i0 + steps; i += 4) { /* one quad: pair steps i..i+3 */
+#ifdef __AVX512BF16__
+                __m512i v[NR1];
+#else
+                vq v[NR1];
+#endif
+                for (int j = 0; j < nr; j++) v[j] = load_quad(codes + j * panel_bytes + 16 * i);
+                for (int s2 = 0; s2 < 4; s2 += 2) {
+                    vp wa[NR1], wb[NR1];
+                    for (int j = 0; j < nr; j++) wa[j] = decode4(v[j], s2), wb[j] = decode4(v[j], s2 + 1);
+                    for (int a = 0; a < mr; a++) {
+                        const bf16 *xr = x + a * xs + 2 * (i + s2);
+                        const vp xa = pair_bcast(xr), xb = pair_bcast(xr + 2);
+                        for (int j = 0; j < nr; j++) {
+                            ga[a][j] = dot2(ga[a][j], wa[j], xa);
+                            gb[a][j] = dot2(gb[a][j], wb[j], xb);
+                        }
                     }
                 }
             }
@@ -139,13 +145,13 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, const float *xsum, int mr, co
             const int64_t at = ((p + j) * G + g) * 16;
             const vf s = h8_load16(w->scales + at);
             vf m = {0};
-            if (w->offset_kind) {
-                m = h8_load16(w->offsets + at);
-                if (w->offset_kind == 2) m = -(m * s);
-            }
+            if (w->offset_kind) m = h8_load16(w->offsets + at);
+            if (w->offset_kind == 2) m = -(m * s); /* zero points: m = -(z s), exact */
+            if (w->bits == 4) m -= 128 * s;         /* the codes were read as 128 + q */
+            const int offset = w->offset_kind || w->bits == 4;
             for (int a = 0; a < mr; a++) {
                 acc[a][j] += (ga[a][j] + gb[a][j]) * s;
-                if (w->offset_kind) acc[a][j] += m * xsum[a * G + g];
+                if (offset) acc[a][j] += m * xsum[a * G + g];
             }
         }
     }
@@ -206,4 +212,17 @@ void gemm_q(const bf16 *x, int64_t xs, const uint8_t *codes, const f16 *scales, 
         }
     }
     free(xsum);
+}
+
+/* A weight as the decoder stack (decoder_stack.c) passes it to its gemm pointer: gemm_bf16's signature, `w` this. */
+typedef struct {
+    const uint8_t *codes;
+    const f16 *scales, *offsets;
+    int64_t bits, offset_kind, group;
+} QDesc;
+
+void gemm_q_desc(const bf16 *x, int64_t xs, const QDesc *w, const bf16 *bias, bf16 *y, int64_t ys, int64_t M,
+                 int64_t N, int64_t K, int num_threads) {
+    gemm_q(x, xs, w->codes, w->scales, w->offsets, (int)w->bits, (int)w->offset_kind, w->group, bias, y, ys, M, N, K,
+           num_threads);
 }

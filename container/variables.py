@@ -138,9 +138,9 @@ VARIABLES: tuple[Variable, ...] = (
              "file's Q4_0 / Q4_1 / Q8_0; none serves 16-bit weights (GGUF dequantized)"),
     Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "auto", "auto: bfloat16 (float16 on GPUs "
              "without bf16)"),
-    Variable(("ATTENTION_BACKEND",), "one of auto, " + ", ".join(ATTENTION_BACKENDS), _choice("auto", *ATTENTION_BACKENDS),
-             "auto", "attention kernels; auto: triton on GPUs, the compiled kernels on CPU (the start-up log's plan "
-             "line says which ran)"),
+    Variable(("ATTENTION_BACKEND",), "one of auto, " + ", ".join(ATTENTION_BACKENDS),
+             _choice("auto", *ATTENTION_BACKENDS), "auto", "attention kernels; auto: triton on GPUs, the compiled "
+             "kernels on CPU (the start-up log's plan line says which ran)"),
     Variable(("CUDA_GRAPHS",), _BOOL, _bool, "true", "GPU: replay decode steps as CUDA graphs (one per batch-size "
              "bucket up to MAX_BATCH_SIZE)"),
     Variable(("CUDA_MEMORY_FRACTION",), "a number in (0, 1]", _fraction, "0.9", "GPU: share of device memory for "

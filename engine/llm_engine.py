@@ -21,8 +21,8 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.device import resolve_device
 from engine.detokenizer import IncrementalDetokenizer
+from engine.device import resolve_device
 from engine.faults import RequestFault, is_device_fault
 from engine.model_runner import ModelRunner
 from engine.model_source import eos_token_ids, load_hf_config, load_tokenizer, resolve_model

@@ -130,7 +130,9 @@ def resolve_plan(
     on_kernel = bool(gemm) if quant == "none" else quant.endswith(" on cpu_kernel")
     stack = attention == "cpu_paired" and fused and on_kernel and config.cpu_decoder_stack
     graphs: tuple[int, ...] = ()
-    if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn"):
+    # bitsandbytes' LLM.int8 finds its outlier columns per call (a host sync): no graph captures it
+    capturable = quant == "none" or not quant.startswith("bitsandbytes")
+    if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn") and capturable:
         graphs = tuple(b for b in GRAPH_BUCKETS if b < config.max_num_seqs) + (min(config.max_num_seqs, 512),)
         graphs = tuple(sorted(set(graphs)))
     return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs, quant)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tests.engine.conftest import TinyModels, single_torch_thread, tiny_models, tokenizer  # noqa: F401
+from tests.engine.conftest import TinyModels, single_torch_thread, tiny_models, tokenizer  # noqa: F401  (the fixtures)
 from tests.quant.checkpoints import dequantized_state, write_awq, write_fp8, write_gptq
 
 BASE = "llama_gqa"  # 64 hidden, 128 intermediate, 4 heads / 2 KV heads, 2 layers
@@ -22,7 +22,7 @@ BASE = "llama_gqa"  # 64 hidden, 128 intermediate, 4 heads / 2 KV heads, 2 layer
 class QuantModels:
     """Quantized checkpoints by name (built once), and their float32 references."""
 
-    def __init__(self, tiny_models: TinyModels, root: Path) -> None:
+    def __init__(self, tiny_models: TinyModels, root: Path) -> None:  # noqa: F811
         self.tiny_models, self.root = tiny_models, root
         self._paths: dict[str, Path] = {}
         self._refs: dict[str, PreTrainedModel] = {}

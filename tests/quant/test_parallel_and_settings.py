@@ -99,3 +99,24 @@ def test_serve_exits_2_with_one_line_naming_the_variable(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {variable}: {value} ") and message in last, last
     assert "Traceback" not in result.stderr
+
+
+def test_serve_reports_the_quantization_in_info_and_the_log(quant_models: QuantModels, tmp_path: Path) -> None:
+    """A GPTQ checkpoint served with nothing set: /info names the method and kernel; the log the bytes."""
+    import urllib.request
+
+    from tests.serve._process import Serve, free_port
+
+    env = base_env(SM_OPT_ML_DIR=str(tmp_path), HF_MODEL_ID=str(quant_models("gptq")), DTYPE="bfloat16",
+                   SAGEMAKER_BIND_TO_PORT=str(free_port()), SERVE_WORKERS="1", CLOUDWATCH_METRICS="false")  # fmt: skip
+    server = Serve(env, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        with urllib.request.urlopen(server.url("/info"), timeout=10) as response:
+            info = json.loads(response.read())
+        assert info["quantize"] == "gptq int4 g32 on cpu_kernel"
+        assert "MiB in bfloat16 ->" in server.log() and "(quantization: gptq int4 g32 on cpu_kernel)" in server.log()
+        server.proc.terminate()
+        assert server.wait_exit(60) == 0
+    finally:
+        server.close()

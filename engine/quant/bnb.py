@@ -2,7 +2,7 @@
 (CUDA, and its CPU backend): `bitsandbytes` is LLM.int8 (int8 rows, absmax scales, outlier activations above 6.0
 in 16-bit), `bitsandbytes-nf4` / `-fp4` are 4-bit blocks of 64 with float32 absmax. The twin dequantizes with
 bitsandbytes and runs `F.linear`. Pre-quantized bitsandbytes checkpoints are dequantized, then quantized again per
-rank (the same blocks, so the same codes).
+rank (the same blocks, so the same codes, where a rank holds whole rows or a multiple of 64 inputs).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 THRESHOLD = 6.0  # LLM.int8 outlier threshold (TGI's and transformers' default)
 BLOCK = 64
@@ -65,10 +64,6 @@ def matmul(x: torch.Tensor, w: BnbWeight, bias: torch.Tensor | None) -> torch.Te
         state.has_fp16_weights, state.is_training = False, False
         return bnb.matmul(x, w.data, state=state, bias=bias).to(x.dtype)
     return bnb.matmul_4bit(x, w.data.t(), quant_state=w.state, bias=bias).to(x.dtype)
-
-
-def twin(x: torch.Tensor, w: BnbWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, dequantize(w).to(x.dtype), bias)
 
 
 def checkpoint_parts(mode: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -75,7 +74,3 @@ def scaled_mm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None) -> torch
     xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale.view(1, -1), bias=bias, out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], -1)
-
-
-def twin(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w.dequantize().to(x.dtype), bias)

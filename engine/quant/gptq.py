@@ -51,17 +51,13 @@ def to_int_weight(parts: dict[str, torch.Tensor], group_size: int, zero_offset: 
 
 def from_int_weight(w: IntWeight, zero_offset: int = 1, g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of a zero-point int4 weight (inputs in original order; `g_idx` to write act-order)."""
+    if w.offset_kind != "zero":
+        raise ValueError("GPTQ stores zero points")
     k = w.shape[1]
     codes = w.codes if w.perm is None else torch.empty_like(w.codes).index_copy_(1, w.perm, w.codes)
-    out = {
-        "qweight": pack_along_last(codes.t().contiguous().t().t()).contiguous() if False else _pack_inputs(codes),
+    return {
+        "qweight": pack_along_last(codes).t().contiguous(),  # [N, K/8] -> [K/8, N]
         "qzeros": pack_along_last((w.offsets.float().t() - zero_offset).to(torch.int32) & 15),
         "scales": w.scales.t().contiguous(),
         "g_idx": (torch.arange(k, dtype=torch.int32) // w.group_size) if g_idx is None else g_idx.to(torch.int32),
     }
-    return out
-
-
-def _pack_inputs(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] -> qweight [K/8, N]."""
-    return pack_along_last(codes.t().contiguous().t()).t().contiguous()

@@ -94,6 +94,8 @@ class LayerQuant:
         self.names: list[str] = []
         method = build.config.method
         required, optional = checkpoint_parts(method, build.config.pre_quantized)
+        if method == "gptq" and build.config.desc_act:  # act-order: the input order must be in before converting
+            required, optional = required + ("g_idx",), tuple(o for o in optional if o != "g_idx")
         self.required = required
         for name in required + optional:
             p = nn.Parameter(torch.empty(0, device="cpu"), requires_grad=False)

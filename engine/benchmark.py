@@ -232,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     pre.add_argument("--device", default="cpu")
     known, rest = pre.parse_known_args(argv)
     if known.device != "cpu":  # the GPU benchmark: a random Llama-shaped model against transformers on the GPU
+        if "--quantize" in rest:  # or GPTQ / AWQ int4 against bf16 on the GPU
+            from engine import quant_gpu_benchmark
+
+            quant_gpu_benchmark.main(["--device", known.device, *rest])
+            return
         from engine import gpu_benchmark
 
         gpu_benchmark.main(["--device", known.device, *rest])

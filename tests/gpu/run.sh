@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run whenever a session is lent a GPU machine (no install there: the image's torch, triton and
-# transformers; our code from the working tree). GPU-marked tests (engine, quantization), the Triton kernels on the GPU, then short
-# benchmarks (against transformers; int4 against bf16). Under 12 minutes on one H100/H200. Results land in $OUT (or bench_results/).
+# transformers; our code from the working tree). GPU-marked tests (engine, quantization), the Triton kernels on the
+# GPU, then short benchmarks (against transformers; int4 against bf16). Under 12 minutes on one H100/H200. Results
+# land in $OUT (or bench_results/).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

@@ -81,8 +81,9 @@ def test_twins_give_the_dequantized_weights_logprobs(method: str, quant_models: 
     llm.close()
 
 
-# mean |logprob| difference per token, bfloat16 activations against float32; LLM.int8 also rounds activations to int8
-BF16_TOL = {"bitsandbytes": 0.1}
+# mean |logprob| difference per token, bfloat16 activations against float32 (measured 0.015-0.045 here); LLM.int8
+# also rounds activations to int8
+BF16_TOL = {"bitsandbytes": 0.12}
 
 
 @pytest.mark.parametrize("method", CHECKPOINTS + AT_LOAD)
@@ -99,7 +100,7 @@ def test_kernels_in_bfloat16_follow_the_dequantized_weights(method: str, quant_m
     for prompt, out in zip(PROMPTS, outs):
         lp = _ref_log_probs(ref, prompt, out.token_ids)
         chosen = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
-        assert (torch.tensor(out.logprobs) - chosen).abs().mean() < BF16_TOL.get(method, 0.05)
+        assert (torch.tensor(out.logprobs) - chosen).abs().mean() < BF16_TOL.get(method, 0.08)
     llm.close()
 
 

@@ -149,3 +149,19 @@ def test_fp8_scales_per_tensor_channel_and_block() -> None:
     blocks = torch.rand(2, 4) + 0.5
     dense = fp8.from_checkpoint({"weight": f.q, "weight_scale_inv": blocks}, (16, 16))
     assert torch.equal(dense, f.q.float() * blocks.repeat_interleave(16, 0).repeat_interleave(16, 1))
+
+
+def test_portable_build_matches_the_native_one(portable_build) -> None:
+    """csrc/gemm_q.c without AVX-512 (GCC vector extensions, x86-64-v2): the same results as the native build."""
+    lib = cpu_kernel.bind_gemm_q(portable_build("gemm_q"))
+    for w in _with_kinds():
+        packed = cpu_kernel.pack(w)
+        for rows in (1, 5):
+            x = torch.randn(rows, w.shape[1]).bfloat16()
+            bias = torch.randn(w.shape[0]).bfloat16()
+            got = cpu_kernel.linear(x, packed, bias, lib=lib).float()
+            want = F.linear(x.float(), w.dequantize(), bias.float())
+            torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() / 8, rtol=8e-3)
+            if cpu_kernel.available():
+                native = cpu_kernel.linear(x, packed, bias).float()
+                torch.testing.assert_close(got, native, atol=2e-2 * want.abs().max().item() / 8, rtol=8e-3)

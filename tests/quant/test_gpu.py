@@ -51,5 +51,5 @@ def test_quantized_models_on_the_gpu(method: str, quant_models: QuantModels) -> 
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy(NEW))):
         lp = _ref_log_probs(ref, prompt, out.token_ids)
         chosen = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
-        assert (torch.tensor(out.logprobs) - chosen).abs().mean() < (0.1 if method == "fp8" else 0.05)
+        assert (torch.tensor(out.logprobs) - chosen).abs().mean() < (0.1 if method == "fp8" else 0.08)
     llm.close()

@@ -35,7 +35,6 @@ class QuantConfig:
     sym: bool = False
     fp8_block: tuple[int, int] | None = None  # fp8 checkpoints with block scales (weight_scale_inv)
     pre_quantized: bool = False  # read from a quantized checkpoint (else made at load)
-    skip: tuple[str, ...] = ()  # module names kept in the serving dtype (modules_to_not_convert)
     checkpoint: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
@@ -82,7 +81,6 @@ def _bnb_mode(qc: dict[str, Any]) -> str:
 
 
 def _from_checkpoint(method: str, qc: dict[str, Any]) -> QuantConfig:
-    skip = tuple(qc.get("modules_to_not_convert") or qc.get("ignore") or ())
     if method in ("gptq", "awq"):
         bits = int(qc.get("bits", qc.get("w_bit", 4)))
         if bits != 4:
@@ -94,14 +92,14 @@ def _from_checkpoint(method: str, qc: dict[str, Any]) -> QuantConfig:
             raise QuantizationError(f"AWQ checkpoints of version {version!r} are not supported (GEMM only)")
         return QuantConfig(
             method, bits, group, bool(qc.get("desc_act", False)), 1 if method == "gptq" and fmt == "gptq" else 0,
-            bool(qc.get("sym", False)), pre_quantized=True, skip=skip, checkpoint=qc,
+            bool(qc.get("sym", False)), pre_quantized=True, checkpoint=qc,
         )  # fmt: skip
     if method == "fp8":
         block = qc.get("weight_block_size")
-        return QuantConfig("fp8", 8, fp8_block=tuple(block) if block else None, pre_quantized=True, skip=skip,
+        return QuantConfig("fp8", 8, fp8_block=tuple(block) if block else None, pre_quantized=True,
                            checkpoint=qc)  # fmt: skip
     mode = _bnb_mode(qc)
-    return QuantConfig(mode, 4 if "-" in mode else 8, pre_quantized=True, skip=skip, checkpoint=qc)
+    return QuantConfig(mode, 4 if "-" in mode else 8, pre_quantized=True, checkpoint=qc)
 
 
 def resolve_quantization(

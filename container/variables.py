@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import ATTENTION_BACKENDS, DTYPES
+from engine.quant.config import METHODS as QUANTIZE_METHODS
 from serve.emf import DEFAULT_NAMESPACE
 
 
@@ -131,8 +132,10 @@ VARIABLES: tuple[Variable, ...] = (
              "tensor-parallel degree: processes (GPUs) the model is sharded over"),
     Variable(("SERVE_COLLECTIVE_TIMEOUT",), "a positive number of seconds", _positive_seconds, "600",
              "a tensor-parallel collective waiting longer on a rank fails the engine"),
-    Variable(("HF_MODEL_QUANTIZE", "QUANTIZE"), "none (quantization is not available yet)", _choice("none"), "none",
-             "quantization; only `none` for now (GGUF files are dequantized on load)"),
+    Variable(("HF_MODEL_QUANTIZE", "QUANTIZE"), "one of " + ", ".join(QUANTIZE_METHODS), _choice(*QUANTIZE_METHODS),
+             "what the checkpoint holds", "weight quantization (docs/quantization.md): TGI's bitsandbytes, "
+             "bitsandbytes-nf4, bitsandbytes-fp4, gptq, awq, fp8; int8 / int4 made at load; gguf keeps a GGUF "
+             "file's Q4_0 / Q4_1 / Q8_0; none serves 16-bit weights (GGUF dequantized)"),
     Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "auto", "auto: bfloat16 (float16 on GPUs "
              "without bf16)"),
     Variable(("ATTENTION_BACKEND",), "one of auto, " + ", ".join(ATTENTION_BACKENDS),

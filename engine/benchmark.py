@@ -232,11 +232,21 @@ def main(argv: list[str] | None = None) -> None:
     pre.add_argument("--device", default="cpu")
     known, rest = pre.parse_known_args(argv)
     if known.device != "cpu":  # the GPU benchmark: a random Llama-shaped model against transformers on the GPU
+        if "--quantize" in rest:  # or GPTQ / AWQ int4 against bf16 on the GPU
+            from engine import quant_gpu_benchmark
+
+            quant_gpu_benchmark.main(["--device", known.device, *rest])
+            return
         from engine import gpu_benchmark
 
         gpu_benchmark.main(["--device", known.device, *rest])
         return
     argv = rest
+    if "--quantize" in argv:  # bf16 / int8 / int4 / GGUF-native of our engine on the same workload
+        from engine import quant_benchmark
+
+        quant_benchmark.main(argv)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per request (default 128; quick 16)")
     ap.add_argument("--concurrency", default=None, help="comma list of levels (default 1,8,32; quick 1,4)")

@@ -43,6 +43,11 @@ class EngineConfig:
     # None: the best the device has (triton on CUDA, the compiled kernels on CPU); else one of ATTENTION_BACKENDS
     attention_backend: str | None = None
     cuda_graphs: bool = True  # CUDA: replay decode-only steps as CUDA graphs, per batch-size bucket
+    # Quantization (engine/quant): None = what the checkpoint holds (GPTQ / AWQ / FP8 / bitsandbytes / GGUF types with
+    # a kernel); else one of engine.quant.config.METHODS
+    quantize: str | None = None
+    quant_kernel: bool = True  # quantized matmuls on their kernels (False: the dequantizing twins, for tests)
+    quant_group_size: int = 128  # int4 / int8 made at load: inputs per scale (the largest of this, 64, 32 dividing)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -67,5 +72,9 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        from engine.quant.config import METHODS
+
+        if self.quantize is not None and self.quantize not in METHODS:
+            raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {self.quantize!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")

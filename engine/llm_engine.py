@@ -22,12 +22,15 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.device import resolve_device
 from engine.faults import RequestFault, is_device_fault
 from engine.model_runner import ModelRunner
 from engine.model_source import decoder_start_token_id, eos_token_ids, load_hf_config, load_tokenizer, resolve_model
 from engine.models import context_length
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.parallel_config import resolve_parallel_config
+from engine.quant.config import resolve_quantization
+from engine.quant.report import check_groups_divide
 from engine.sampler import SampleOutput, Sampler, SamplingRequest
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -63,6 +66,11 @@ class LLMEngine:
         self.model_context = context_length(self.hf_config)  # the model's own; max_model_len may cap it
         self.max_model_len = min(config.max_model_len or self.model_context, self.model_context)
         self.parallel = resolve_parallel_config(config, self.hf_config)
+        device = resolve_device(config.device)
+        self.quant = resolve_quantization(
+            config.quantize, self.hf_config, bool(self.files.gguf_file), device, group_size=config.quant_group_size
+        )
+        check_groups_divide(self.quant, self.hf_config, self.parallel.world_size)
         self.tp_group: TensorParallelGroup | None = None
         self.runner = self._start_ranks()
         # Encoder-decoder: the prompt feeds the encoder; the decoder starts from one start token. Its K/V depend on

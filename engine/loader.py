@@ -1,6 +1,7 @@
 """Checkpoint readers yielding (transformers parameter name, tensor): safetensors (sharded or not) as unread
 slices each rank narrows to its part, `.bin` through `torch.load(weights_only=True, mmap=True)`, and GGUF
-dequantized with the `gguf` package (a whole tensor at a time: a rank's memory peak is not 1/N there).
+dequantized with the `gguf` package (a whole tensor at a time: a rank's memory peak is not 1/N there), or, with
+`gguf_native`, the linear layers' Q4_0 / Q4_1 / Q8_0 tensors as IntWeight, exactly (engine/quant/gguf.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from engine.model_source import ModelFiles
+from engine.quant import gguf as gguf_quant
+from engine.quant.int_weight import IntWeight
 from engine.weight_slice import TensorSlice, Weight
 
 _GGUF_NAMES = {
@@ -35,9 +38,9 @@ _GGUF_BLOCK_NAMES = {
 }
 
 
-def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, Weight]]:
+def iter_weights(files: ModelFiles, hf_config, gguf_native: bool = False) -> Iterator[tuple[str, Weight | IntWeight]]:
     if files.gguf_file:
-        yield from _iter_gguf(os.path.join(files.directory, files.gguf_file), hf_config)
+        yield from _iter_gguf(os.path.join(files.directory, files.gguf_file), hf_config, gguf_native)
         return
     d = files.directory
     index = os.path.join(d, "model.safetensors.index.json")
@@ -53,14 +56,21 @@ def iter_weights(files: ModelFiles, hf_config) -> Iterator[tuple[str, Weight]]:
         for path in paths:
             with safe_open(path, framework="pt") as fh:
                 for name in fh.keys():
-                    yield name, TensorSlice(fh.get_slice(name))
+                    yield _flat_name(name), TensorSlice(fh.get_slice(name))
         return
     bins = sorted(glob.glob(os.path.join(d, "pytorch_model*.bin")))
     if not bins:
         raise ValueError(f"model directory {d!r} has no *.safetensors or pytorch_model*.bin weights")
     for path in bins:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        yield from state.items()
+        yield from ((_flat_name(n), t) for n, t in state.items())
+
+
+def _flat_name(name: str) -> str:
+    """bitsandbytes' `...q_proj.weight.absmax` / `.weight.quant_state.bitsandbytes__nf4` as one parameter name each
+    (`weight_absmax`, `weight_quant_state_bitsandbytes__nf4`): module parameters cannot hold dots."""
+    head, sep, tail = name.partition(".weight.")
+    return f"{head}.weight_{tail.replace('.', '_')}" if sep else name
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -69,11 +79,19 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _iter_gguf(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_types(path: str) -> dict[str, str]:
+    """GGUF tensor name -> its type name (Q4_1, F32, ...)."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def _iter_gguf(path: str, hf_config, native: bool = False) -> Iterator[tuple[str, torch.Tensor | IntWeight]]:
     from gguf import GGUFReader, dequantize
 
     reader = GGUFReader(path)
     permuted = hf_config.model_type in ("llama", "mistral")
+    heads = {"attn_q": hf_config.num_attention_heads, "attn_k": getattr(hf_config, "num_key_value_heads", None)}
     for t in reader.tensors:
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
         if m:
@@ -86,9 +104,15 @@ def _iter_gguf(path: str, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
             if base not in _GGUF_NAMES:
                 raise ValueError(f"unexpected GGUF tensor {t.name!r}")
             name, part = f"{_GGUF_NAMES[base]}.{kind}", base
-        w = dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
-        if permuted and part == "attn_q":
-            w = _unpermute(w, hf_config.num_attention_heads)
-        elif permuted and part == "attn_k":
-            w = _unpermute(w, hf_config.num_key_value_heads)
+        shape = list(reversed(t.shape.tolist()))
+        n_head = (heads.get(part) or hf_config.num_attention_heads) if permuted and part in heads else None
+        if native and m and kind == "weight" and "norm" not in part and t.tensor_type.name in gguf_quant.NATIVE:
+            w = gguf_quant.to_int_weight(t.data, t.tensor_type.name, shape[0], shape[1])
+            if n_head is not None:
+                w = gguf_quant.permute_rows(w, _unpermute(np.arange(shape[0]), n_head))
+            yield name, w
+            continue
+        w = dequantize(t.data, t.tensor_type).reshape(shape)
+        if n_head is not None:
+            w = _unpermute(w, n_head)
         yield name, torch.from_numpy(np.array(w, copy=True))

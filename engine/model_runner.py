@@ -24,7 +24,10 @@ from engine.loader import iter_weights
 from engine.model_source import ModelFiles
 from engine.models import get_model_class
 from engine.parallel import SINGLE_RANK, ParallelState, building_with
-from engine.plan import ExecutionPlan, resolve_plan
+from engine.plan import ExecutionPlan, resolve_plan, resolve_quant_kernel
+from engine.quant.config import resolve_quantization
+from engine.quant.layer import QuantBuild, building_quantized, finish
+from engine.quant.report import weight_bytes
 from engine.scheduler import ScheduledBatch
 from engine.step_input import StepInput
 
@@ -51,21 +54,38 @@ class ModelRunner:
         self.send_step: Callable[[StepInput], None] | None = None  # rank 0 of several: hands each step on
         self.block_size = config.block_size or (16 if self.device.type == "cuda" else 32)
         self.max_model_len = max_model_len
+        self.quant = resolve_quantization(
+            config.quantize, hf_config, bool(files.gguf_file), self.device, group_size=config.quant_group_size
+        )
+        build, quant = None, "none"
+        if self.quant is not None:
+            build = QuantBuild(self.quant, resolve_quant_kernel(config, self.quant, self.device, self.dtype),
+                               self.device, self.dtype)  # fmt: skip
+            quant = f"{self.quant.describe()} on {build.kernel}"
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with self.device, building_with(parallel):
+            with self.device, building_with(parallel), building_quantized(build):
                 model = get_model_class(hf_config)(hf_config, max_position=max_model_len)
         finally:
             torch.set_default_dtype(previous)
-        model.load_weights(iter_weights(files, hf_config))
+        gguf_native = self.quant is not None and self.quant.method == "gguf"
+        model.load_weights(iter_weights(files, hf_config, gguf_native=gguf_native))
+        finish(model)
         layers = model.attention_layers()
         options = frozenset(o for layer in layers for o in layer.option_names)
         graphs_allowed = getattr(model, "cuda_graphs", True)  # the model may rule them out
         head_dim = layers[0].head_dim
-        plan = resolve_plan(config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed)
+        plan = resolve_plan(
+            config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed, quant
+        )
         if plan.cpu_gemm is not None:
             model.pack_for_cpu(gemm_kernel=plan.cpu_gemm)  # 16-bit: the GEMM kernel's panels or oneDNN's
+        if parallel.rank == 0:
+            dense, held = weight_bytes(model, self.dtype)
+            dtype_name = str(self.dtype).removeprefix("torch.")
+            logger.info("weights: %.1f MiB in %s -> %.1f MiB held (quantization: %s)", dense / 2**20, dtype_name,
+                        held / 2**20, quant)  # fmt: skip
         if plan.fused_ops:  # norms, activations, rotary and greedy picks as compiled passes
             model.use_fused_cpu_ops()
         self.model = model.eval()

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig
 from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
+from engine.quant.config import QuantConfig
 
 # Layer options (see layers/attention.py) each backend computes; the twin (and the CPU backends through it) all.
 _EVERY_OPTION = frozenset({"sliding_window", "logit_softcap", "alibi", "position_bias"})
@@ -35,6 +36,7 @@ class ExecutionPlan:
     cpu_gemm: bool | None  # CPU bf16 matmuls: the compiled GEMM (True), oneDNN (False); None off the CPU
     decoder_stack: bool  # CPU bf16: every decoder layer in one compiled call, where the model allows it
     cuda_graphs: tuple[int, ...]  # decode batch sizes replayed as CUDA graphs; () = eager
+    quant: str = "none"  # "none" or "<method> on <kernel>" (resolve_quant_kernel)
 
     def describe(self) -> str:
         matmul = {None: "cublas", True: "gemm_kernel", False: "onednn"}[self.cpu_gemm]
@@ -45,7 +47,7 @@ class ExecutionPlan:
         return (
             f"device={self.device} dtype={dtype} attention={self.attention} matmul={matmul} "
             f"fused_ops={'on' if self.fused_ops else 'off'} decoder_stack={'on' if self.decoder_stack else 'off'} "
-            f"graphs={graphs} sampler=device"
+            f"graphs={graphs} sampler=device quant={self.quant.replace(' ', '_')}"
         )
 
 
@@ -127,6 +129,22 @@ def _requested_attention(
     return requested
 
 
+def resolve_quant_kernel(config: EngineConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The matmul of the quantized layers (engine/quant/matmul.py): its kernel, else the dequantizing twin."""
+    from engine.quant import cpu_kernel
+
+    if not config.quant_kernel:
+        return "twin"
+    if quant.method.startswith("bitsandbytes"):
+        return "bitsandbytes"
+    if quant.method == "fp8":
+        fp8_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+        return "scaled_mm" if fp8_gpu else "dequantized"  # FP8 checkpoints elsewhere: served in the dtype
+    if device.type == "cuda":
+        return "triton" if triton_available(device) is None else "twin"
+    return "cpu_kernel" if dtype == torch.bfloat16 and cpu_kernel.available() else "twin"
+
+
 def resolve_plan(
     config: EngineConfig,
     device: torch.device,
@@ -135,16 +153,23 @@ def resolve_plan(
     block_size: int,
     options: frozenset[str] = frozenset(),
     graphs_allowed: bool = True,
+    quant: str = "none",
 ) -> ExecutionPlan:
     """`options`: the attention options the model's layers use; `graphs_allowed`: False for models whose step reads
-    the device on the host (MoE routing counts), which CUDA graphs cannot replay."""
+    the device on the host (MoE routing counts), which CUDA graphs cannot replay; `quant`: the weight format and
+    matmul chosen for the checkpoint (engine/quant)."""
     attention = resolve_attention(config, device, dtype, head_dim, block_size, options)
     on_cpu = device.type == "cpu"
     fused = on_cpu and config.cpu_fused_ops and cpu_fused_ops.supports(device, dtype)
     gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
-    stack = attention == "cpu_paired" and fused and bool(gemm) and config.cpu_decoder_stack
+    # the decoder stack runs the bf16 GEMM kernel's weights, or the int kernel's (engine/quant); it steps aside for
+    # other quantized matmuls
+    on_kernel = bool(gemm) if quant == "none" else quant.endswith(" on cpu_kernel")
+    stack = attention == "cpu_paired" and fused and on_kernel and config.cpu_decoder_stack
     graphs: tuple[int, ...] = ()
-    if device.type == "cuda" and config.cuda_graphs and graphs_allowed and attention in ("triton", "flash_attn"):
+    # bitsandbytes' LLM.int8 finds its outlier columns per call (a host sync): no graph captures it
+    capturable = graphs_allowed and (quant == "none" or not quant.startswith("bitsandbytes"))
+    if device.type == "cuda" and config.cuda_graphs and attention in ("triton", "flash_attn") and capturable:
         graphs = tuple(b for b in GRAPH_BUCKETS if b < config.max_num_seqs) + (min(config.max_num_seqs, 512),)
         graphs = tuple(sorted(set(graphs)))
-    return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs)
+    return ExecutionPlan(device, dtype, attention, fused, gemm, stack, graphs, quant)

@@ -41,6 +41,7 @@ def facts(engine: LLMEngine) -> EngineFacts:
         device_type=engine.runner.device.type,
         kv_cache_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size,
         max_batch_prefill_tokens=engine.config.max_batch_prefill_tokens,
+        quantize=engine.runner.plan.quant,
     )
 
 
@@ -55,6 +56,7 @@ def run(config: EngineProcessConfig, conn: Connection) -> None:
     )
     from engine.llm_engine import LLMEngine
     from engine.parallel_config import ParallelConfigError
+    from engine.quant.config import QuantizationError
 
     started = time.monotonic()
     logger.info("loading %s", config.engine.model or "the embedded default model")
@@ -65,6 +67,9 @@ def run(config: EngineProcessConfig, conn: Connection) -> None:
     except Exception as e:
         if engine is not None:
             engine.close()  # the other tensor-parallel ranks
+        if isinstance(e, QuantizationError):
+            conn.send(("error", "quantize", str(e)))
+            sys.exit(2)
         if isinstance(e, ParallelConfigError):
             conn.send(("error", "parallel", str(e)))
             sys.exit(2)

@@ -101,6 +101,7 @@ class EngineFacts:
     device_type: str
     kv_cache_tokens: int
     max_batch_prefill_tokens: int
+    quantize: str = "none"  # the plan's quantization: "none" or "<method> on <kernel>"
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def model_info(
         max_batch_total_tokens=facts.kv_cache_tokens,
         max_batch_prefill_tokens=facts.max_batch_prefill_tokens,
         max_concurrent_requests=max_concurrent_requests,
-        extra={"model_context": facts.model_context, **(extra or {})},
+        extra={"model_context": facts.model_context, "quantize": facts.quantize, **(extra or {})},
     )
 
 

@@ -162,6 +162,7 @@ class Info(Response):
     max_batch_total_tokens: int
     max_batch_prefill_tokens: int
     max_client_batch_size: int
+    quantize: str | None = None  # "none", or the method and its kernel ("gptq int4 g128 on triton")
     validation_workers: int = 1
     router: str = "text-generation-router"
     version: str

@@ -15,6 +15,7 @@ import torch
 from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
 from engine.layers.cpu_build import bind, load_library
 from engine.layers.cpu_gemm import PackedWeight
+from engine.quant import cpu_kernel
 
 if TYPE_CHECKING:
     from engine.attention.cpu import PairedMetadata
@@ -62,18 +63,39 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _on_kernel(lin, quantized: bool) -> bool:
+    """The layer's matmul is what the stack calls: every one on the bf16 GEMM kernel, or every one on the int kernel
+    (engine/quant: weight-only int4 / int8, no act-order gather)."""
+    if not quantized:
+        return lin.qmatmul is None and isinstance(lin.packed, PackedWeight)
+    q = lin.qmatmul
+    return q is not None and getattr(q, "kernel", None) == "cpu_kernel" and q.packed.perm is None
+
+
 class DecoderStack:
     """The compiled twin of LlamaModel's layer loop and final norm for one model (see `build`)."""
 
     def __init__(self, model) -> None:  # model: engine.models.llama.LlamaModel
         fused, paired = cpu_fused_ops._lib(), cpu_decode_kernel.load_paired_kernel()
+        first = model.layers[0]
+        quantized = first.mlp.down_proj.qmatmul is not None  # every matmul on the int kernel (see build)
+        gemm = cpu_kernel._lib().gemm_q_desc if quantized else cpu_gemm._lib().gemm_bf16
         self._kernels = _Kernels(
-            _addr(cpu_gemm._lib().gemm_bf16), _addr(fused.add_rms_norm_bf16), _addr(fused.silu_and_mul_bf16),
+            _addr(gemm), _addr(fused.add_rms_norm_bf16), _addr(fused.silu_and_mul_bf16),
             _addr(fused.rotary_bf16), _addr(fused.cache_kv_bf16), _addr(paired.paired_attention_bf16),
         )  # fmt: skip
-        first = model.layers[0]
         attn = first.self_attn
-        self.hidden, self.inter = first.input_layernorm.weight.shape[0], first.mlp.down_proj.packed.k
+        self._descs: list[cpu_kernel.QDesc] = []  # quantized weights' descriptors, kept alive with the stack
+
+        def weight(lin) -> int:
+            if lin.qmatmul is None:
+                return _ptr(lin.packed.data)
+            self._descs.append(lin.qmatmul.packed.desc())
+            return ctypes.addressof(self._descs[-1])
+
+        down = first.mlp.down_proj
+        self.hidden = first.input_layernorm.weight.shape[0]
+        self.inter = down.qmatmul.k if quantized else down.packed.k
         self.q_size, self.kv_size = attn.q_size, attn.kv_size
         self._shape = _Shape(
             self.hidden, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.inter, attn.attn.k_cache.shape[3],
@@ -83,10 +105,10 @@ class DecoderStack:
         for entry, layer in zip(self._layers, model.layers):
             a, m = layer.self_attn, layer.mlp
             entry.ln1, entry.ln2 = _ptr(layer.input_layernorm.weight), _ptr(layer.post_attention_layernorm.weight)
-            entry.w_qkv, entry.b_qkv = _ptr(a.qkv_proj.packed.data), _ptr(a.qkv_proj.bias)
-            entry.w_o, entry.b_o = _ptr(a.o_proj.packed.data), _ptr(a.o_proj.bias)
-            entry.w_gu, entry.b_gu = _ptr(m.gate_up_proj.packed.data), _ptr(m.gate_up_proj.bias)
-            entry.w_down, entry.b_down = _ptr(m.down_proj.packed.data), _ptr(m.down_proj.bias)
+            entry.w_qkv, entry.b_qkv = weight(a.qkv_proj), _ptr(a.qkv_proj.bias)
+            entry.w_o, entry.b_o = weight(a.o_proj), _ptr(a.o_proj.bias)
+            entry.w_gu, entry.b_gu = weight(m.gate_up_proj), _ptr(m.gate_up_proj.bias)
+            entry.w_down, entry.b_down = weight(m.down_proj), _ptr(m.down_proj.bias)
             entry.kc, entry.vc = _ptr(a.attn.k_cache), _ptr(a.attn.v_cache)
         self._final_norm = model.norm.weight
         self._cos, self._sin = model.rotary.cos, model.rotary.sin_signed
@@ -95,7 +117,8 @@ class DecoderStack:
     @staticmethod
     def build(model) -> DecoderStack | None:
         """The stack for `model` (LlamaModel), or None where it cannot run: no compiler, not bf16, tensor parallel,
-        a matmul not on the GEMM kernel, the fused ops off, or a plain-layout cache."""
+        matmuls not all on the bf16 GEMM kernel nor all on the int kernel, the fused ops off, or a plain-layout
+        cache."""
         if _lib() is None or cpu_fused_ops._lib() is None or cpu_decode_kernel.load_paired_kernel() is None:
             return None
         if not model.rotary.fused or model.rotary.cos.dtype != torch.float32:
@@ -104,10 +127,11 @@ class DecoderStack:
         norms += [n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         if any(not n.fused or n.weight.dtype != torch.bfloat16 or n.eps != model.norm.eps for n in norms):
             return None
+        quantized = model.layers[0].mlp.down_proj.qmatmul is not None
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            if any(not isinstance(lin.packed, PackedWeight) or lin.tp_size != 1 for lin in linears):
+            if any(lin.tp_size != 1 or not _on_kernel(lin, quantized) for lin in linears):
                 return None
             if any(lin.bias is not None and lin.bias.dtype != torch.bfloat16 for lin in linears):
                 return None

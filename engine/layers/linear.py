@@ -15,6 +15,7 @@ from torch import nn
 from engine.layers.cpu_gemm import PackedWeight
 from engine.layers.cpu_packing import pack_weight, packed_linear
 from engine.parallel import divide, get_parallel_state
+from engine.quant.layer import LayerQuant, QuantTarget, current_build
 from engine.weight_slice import Weight, materialize
 
 
@@ -28,19 +29,38 @@ class LinearBase(nn.Module):
     """Holds `weight` [out, in] and `bias`; on CPU in 16-bit, matmuls run on a packed copy (the compiled bf16
     kernel's or oneDNN's).
 
-    `pack_for_cpu` is called once after loading (see layers/cpu_packing.py).
+    `pack_for_cpu` is called once after loading (see layers/cpu_packing.py). Built under `building_quantized`, the
+    layer holds no 16-bit weight: engine/quant/layer.py loads the checkpoint's parts and sets `qmatmul`.
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     packed: torch.Tensor | PackedWeight | None = None
+    quant: LayerQuant | None = None  # while loading a quantized layer
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qmatmul: nn.Module | None = None  # the quantized layer's matmul, once loaded
+
+    def _quantize_if_building(self) -> None:
+        """Under `building_quantized`: drop the 16-bit weight for the checkpoint's quantized parts."""
+        build = current_build()
+        if build is None:
+            return
+        shape = tuple(self.weight.shape)
+        del self.weight
+        self.quant = LayerQuant(self, build, shape)
 
     def pack_for_cpu(self, gemm_kernel: bool = True) -> None:
+        if self.qmatmul is not None:
+            return
         self.packed = pack_weight(self.weight.data, gemm_kernel)
         if self.packed is not None:  # the plain copy is no longer read
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.qmatmul is not None:
+            return self.qmatmul(x, bias)
         if self.packed is None:
             return F.linear(x, self.weight, bias)
         return packed_linear(x, self.packed, bias)
@@ -48,14 +68,16 @@ class LinearBase(nn.Module):
 
 def _mark_shards(layer: LinearBase, shards: list) -> None:
     """The shard ids a packed parameter loads from separate checkpoint tensors (all of them make it complete)."""
-    for p in (layer.weight, layer.bias):
-        if p is not None:
-            p.shards = shards  # type: ignore[attr-defined]
+    for p in layer.parameters(recurse=False):  # weight, bias, and a quantized format's placeholders
+        p.shards = shards  # type: ignore[attr-defined]
 
 
 def _copy(param: nn.Parameter | torch.Tensor, loaded: Weight) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor shape {tuple(loaded.shape)} != parameter shape {tuple(param.shape)}")
+    if isinstance(param, QuantTarget):
+        param.assign(loaded)
+        return
     param.data.copy_(materialize(loaded))
 
 
@@ -64,6 +86,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__()
         self.weight = _param((output_size, input_size), self.weight_loader)
         self.bias = _param((output_size,), self.weight_loader) if bias else None
+        self._quantize_if_building()
 
     def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
         _copy(param, loaded)
@@ -82,6 +105,7 @@ class ColumnParallelLinear(LinearBase):
         self.output_size_per_rank = divide(output_size, self.tp_size, "linear output size")
         self.weight = _param((self.output_size_per_rank, input_size), self.weight_loader)
         self.bias = _param((self.output_size_per_rank,), self.weight_loader) if bias else None
+        self._quantize_if_building()
 
     def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
         size = param.shape[0]
@@ -187,6 +211,7 @@ class RowParallelLinear(LinearBase):
         self.input_size_per_rank = divide(input_size, self.tp_size, "linear input size")
         self.weight = _param((output_size, self.input_size_per_rank), self.weight_loader)
         self.bias = _param((output_size,), self.weight_loader) if bias else None
+        self._quantize_if_building()
 
     def weight_loader(self, param: nn.Parameter, loaded: Weight) -> None:
         if param.dim() == 1:  # bias: added once, after the reduction

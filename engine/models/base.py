@@ -138,7 +138,9 @@ class CausalLM(nn.Module):
         missing = [
             n
             for n, p in params.items()
-            if n not in loaded and not (getattr(p, "shards", None) and all(f"{n}:{s}" in loaded for s in p.shards))
+            if n not in loaded
+            and not getattr(p, "optional", False)  # a quantized format's placeholder its checkpoint may leave out
+            and not (getattr(p, "shards", None) and all(f"{n}:{s}" in loaded for s in p.shards))
         ]
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:5])}")

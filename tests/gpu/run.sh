@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run whenever a session is lent a GPU machine (no install there: the image's torch, triton and
-# transformers; our code from the working tree). GPU-marked tests, the Triton kernels on the GPU, then a short
-# benchmark against transformers. Under 8 minutes on one H100/H200. Results land in $OUT (or bench_results/).
+# transformers; our code from the working tree). GPU-marked tests (engine, quantization), the Triton kernels on the
+# GPU, then short benchmarks (against transformers; int4 against bf16). Under 12 minutes on one H100/H200. Results
+# land in $OUT (or bench_results/).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -16,6 +17,12 @@ mkdir -p "$out"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine 2>&1 | tee "$out/gpu_tests.txt"
 # 2. The Triton kernels compiled for this GPU against the torch reference (TRITON_INTERPRET unset).
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/triton 2>&1 | tee -a "$out/gpu_tests.txt"
+
+# 2b. Quantized matmuls on the GPU: the Triton int kernel, GPTQ / AWQ / int4 / int8 / bitsandbytes / FP8 models.
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/quant 2>&1 | tee -a "$out/gpu_tests.txt"
 # 3. Batch-1 decode against the HBM roofline, graphs against eager, throughput at 64 streams against transformers.
 timeout 240 python3 -m engine.benchmark --device cuda --quick --output "$out/gpu_benchmark.json" 2>&1 \
   | tee "$out/gpu_benchmark.txt"
+# 4. GPTQ / AWQ int4 on Triton against bf16 (batch 1 and 64) on a random Llama-1B.
+timeout 240 python3 -m engine.benchmark --device cuda --quantize --shape llama-1b \
+  --output "$out/quant_gpu_benchmark.json" 2>&1 | tee "$out/quant_gpu_benchmark.txt"

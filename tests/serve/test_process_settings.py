@@ -128,7 +128,7 @@ BAD = [
     ("SAGEMAKER_BIND_TO_PORT", "70000", "must be a port number"),
     ("SM_NUM_GPUS", "0", "must be a positive integer, got '0'"),
     ("SERVE_COLLECTIVE_TIMEOUT", "-5", "must be a positive number of seconds"),
-    ("HF_MODEL_QUANTIZE", "bitsandbytes", "must be none"),
+    ("HF_MODEL_QUANTIZE", "eetq", "must be one of none, bitsandbytes, bitsandbytes-nf4"),
     ("DTYPE", "float8", "must be one of auto, float32, bfloat16, float16"),
     ("ATTENTION_BACKEND", "xformers", "must be one of auto, torch, cpu, triton, flash_attn"),
     ("CUDA_MEMORY_FRACTION", "1.5", "must be a number in (0, 1]"),

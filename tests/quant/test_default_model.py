@@ -1,0 +1,59 @@
+"""The embedded default model (SmolLM2-135M-Instruct, a Q4_1 GGUF) served with its Q4_1 weights kept native on the
+int4 kernel, as it is by default, against the same file dequantized to bfloat16 (QUANTIZE=none): the same answers
+within the stated tolerance, the same weights bit for bit, and under half the weight memory. Slow: loads it twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader, dequantize
+
+from engine import LLM, SamplingParams
+from engine.benchmark import build_prompts
+from engine.default_model import default_model_path
+from engine.quant.report import weight_bytes
+
+pytestmark = pytest.mark.slow
+LOGPROB_TOL = 0.06  # mean |logprob| difference over the tokens both pick: float32-exact weights vs bf16-rounded ones
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[LLM, LLM]:
+    native, dense = LLM(max_batch_total_tokens=8192), LLM(quantize="none", max_batch_total_tokens=8192)
+    yield native, dense
+    native.close()
+    dense.close()
+
+
+def test_default_is_served_native(pair: tuple[LLM, LLM]) -> None:
+    native, dense = pair
+    assert native.engine.runner.plan.quant.startswith("gguf on ")
+    assert dense.engine.runner.plan.quant == "none"
+    held = [weight_bytes(e.engine.runner.model, torch.bfloat16)[1] for e in pair]
+    assert held[0] < 0.5 * held[1]
+
+
+def test_native_weights_are_the_files_own(pair: tuple[LLM, LLM]) -> None:
+    """Layer 3's down projection, dequantized from the kernel's packed layout, equals gguf.dequantize bit for bit."""
+    native, _ = pair
+    qm = native.engine.runner.model.model.layers[3].mlp.down_proj.qmatmul
+    tensor = next(t for t in GGUFReader(default_model_path()).tensors if t.name == "blk.3.ffn_down.weight")
+    want = dequantize(tensor.data, tensor.tensor_type).reshape(qm.n, qm.k)
+    assert np.array_equal(qm.dequantize().numpy().view(np.uint32), want.view(np.uint32))
+
+
+def test_the_default_model_answers_as_in_bf16(pair: tuple[LLM, LLM]) -> None:
+    native, dense = pair
+    prompts = build_prompts(native.tokenizer, 8)
+    params = SamplingParams(max_new_tokens=32, do_sample=False)
+    got, want = native.generate(prompts, params), dense.generate(prompts, params)
+    assert native.tokenizer.decode(got[0].token_ids, skip_special_tokens=True) == "The capital of France is Paris."
+    common = 0
+    for g, w in zip(got, want):
+        n = next((i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b), len(w.token_ids))
+        common += n
+        diff = (torch.tensor(g.logprobs[:n]) - torch.tensor(w.logprobs[:n])).abs()
+        assert diff.mean() < LOGPROB_TOL, diff
+    assert common >= 0.5 * sum(len(w.token_ids) for w in want)  # greedy parts only at near-ties

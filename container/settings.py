@@ -14,7 +14,6 @@ from typing import Any
 
 from container.variables import VARIABLES, VARIABLES_BY_NAME, SettingsError
 from engine.config import EngineConfig
-from serve.emf import DEFAULT_NAMESPACE
 from serve.emf_exporter import EmfConfig
 from serve.server_config import ServerConfig
 
@@ -22,17 +21,20 @@ DEFAULT_TOTAL_TOKENS_CAP = 4096  # as TGI: MAX_TOTAL_TOKENS defaults to min(mode
 EXTRA_THREADS = 16  # per worker, beyond max_concurrent_requests: /ping and /metrics never wait behind streams
 
 
+def _value(name: str) -> Any:
+    return VARIABLES_BY_NAME[name].value
+
+
 @dataclass(frozen=True)
 class LauncherConfig:
     host: str = "0.0.0.0"
-    port: int = 8080
+    port: int = _value("SAGEMAKER_BIND_TO_PORT")
     safe_port_range: tuple[int, int] | None = None
-    opt_ml_dir: str = "/opt/ml"
-    workers: int = 2
-    threads: int = 128 + EXTRA_THREADS
-    drain_timeout: float = 25.0
-    log_level: str = "info"
-    messages_api_enabled: bool = True
+    opt_ml_dir: str = _value("SM_OPT_ML_DIR")
+    workers: int = _value("SERVE_WORKERS")
+    threads: int = _value("MAX_CONCURRENT_REQUESTS") + EXTRA_THREADS
+    drain_timeout: float = _value("SERVE_DRAIN_TIMEOUT")
+    log_level: str = _value("LOG_LEVEL")
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,11 @@ class _Reader:
         return value
 
     def get_named(self, name: str, default: Any = None) -> tuple[Any, str]:
-        """The parsed value and the variable that gave it (the primary name when unset)."""
+        """The parsed value and the variable that gave it (the primary name when unset). Unset, the registry's
+        default value, or `default` for a setting the registry derives (documented there in words)."""
         var = VARIABLES_BY_NAME[name]
+        if var.value is not None:
+            default = var.value
         for candidate in var.names:
             raw = self.env.get(candidate)
             if raw is None or not raw.strip():
@@ -134,23 +139,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse and cross-check every variable; raises SettingsError on the first bad one."""
     read = _Reader(os.environ if env is None else env)
     shards, shard_var = read.get_named("SM_NUM_GPUS")  # None: every visible GPU (1 on CPU)
-    collective_timeout = read.get("SERVE_COLLECTIVE_TIMEOUT", 600.0)
+    collective_timeout = read.get("SERVE_COLLECTIVE_TIMEOUT")
     quantize, quantize_var = read.get_named("HF_MODEL_QUANTIZE")
-    log_level = read.get("LOG_LEVEL", "info")
+    log_level = read.get("LOG_LEVEL")
     log_level = "warning" if log_level == "warn" else log_level
-    max_concurrent = read.get("MAX_CONCURRENT_REQUESTS", 128)
-    drain = read.get("SERVE_DRAIN_TIMEOUT", 25.0)
+    max_concurrent = read.get("MAX_CONCURRENT_REQUESTS")
+    drain = read.get("SERVE_DRAIN_TIMEOUT")
     if not drain >= 0 or drain == float("inf"):
         raise SettingsError(f"SERVE_DRAIN_TIMEOUT must be a non-negative number of seconds, got {drain!r}")
     launcher = LauncherConfig(
-        port=read.get("SAGEMAKER_BIND_TO_PORT", 8080),
+        port=read.get("SAGEMAKER_BIND_TO_PORT"),
         safe_port_range=read.get("SAGEMAKER_SAFE_PORT_RANGE"),
-        opt_ml_dir=read.get("SM_OPT_ML_DIR", "/opt/ml"),
-        workers=read.get("SERVE_WORKERS", 2),
+        opt_ml_dir=read.get("SM_OPT_ML_DIR"),
+        workers=read.get("SERVE_WORKERS"),
         threads=read.get("SERVE_THREADS", max_concurrent + EXTRA_THREADS),
         drain_timeout=drain,
         log_level=log_level,
-        messages_api_enabled=read.get("MESSAGES_API_ENABLED", True),
     )
     max_input, input_var = read.get_named("MAX_INPUT_TOKENS")
     limits = TokenLimits(max_input, read.get("MAX_TOTAL_TOKENS"), input_var)
@@ -168,38 +172,39 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         model=model,
         revision=read.get("HF_MODEL_REVISION"),
         hf_token=read.get("HF_TOKEN"),
-        trust_remote_code=read.get("HF_MODEL_TRUST_REMOTE_CODE", False),
-        dtype=read.get("DTYPE", "auto"),
+        trust_remote_code=read.get("HF_MODEL_TRUST_REMOTE_CODE"),
+        dtype=read.get("DTYPE"),
         max_num_seqs=read.get("MAX_BATCH_SIZE", min(256, max_concurrent)),
-        max_batch_prefill_tokens=read.get("MAX_BATCH_PREFILL_TOKENS", 4096),
+        max_batch_prefill_tokens=read.get("MAX_BATCH_PREFILL_TOKENS"),
         max_batch_total_tokens=batch_total,
-        enable_prefix_caching=read.get("PREFIX_CACHING", True),
+        enable_prefix_caching=read.get("PREFIX_CACHING"),
         max_model_len=limits.max_total_tokens,
         tensor_parallel_size=shards,
         port_range=launcher.safe_port_range,
         collective_timeout_s=collective_timeout,
-        attention_backend=None if (backend := read.get("ATTENTION_BACKEND", "auto")) == "auto" else backend,
-        cuda_graphs=read.get("CUDA_GRAPHS", True),
-        gpu_memory_utilization=read.get("CUDA_MEMORY_FRACTION", 0.9),
+        attention_backend=None if (backend := read.get("ATTENTION_BACKEND")) == "auto" else backend,
+        cuda_graphs=read.get("CUDA_GRAPHS"),
+        gpu_memory_utilization=read.get("CUDA_MEMORY_FRACTION"),
         quantize=quantize,
     )
     server = dict(
         model_id=label,
         max_concurrent_requests=max_concurrent,
-        max_stop_sequences=read.get("MAX_STOP_SEQUENCES", 4),
-        max_top_n_tokens=read.get("MAX_TOP_N_TOKENS", 5),
-        max_best_of=read.get("MAX_BEST_OF", 2),
-        max_client_batch_size=read.get("MAX_CLIENT_BATCH_SIZE", 4),
-        payload_limit=read.get("PAYLOAD_LIMIT", 6 << 20),
+        max_stop_sequences=read.get("MAX_STOP_SEQUENCES"),
+        max_top_n_tokens=read.get("MAX_TOP_N_TOKENS"),
+        max_best_of=read.get("MAX_BEST_OF"),
+        max_client_batch_size=read.get("MAX_CLIENT_BATCH_SIZE"),
+        payload_limit=read.get("PAYLOAD_LIMIT"),
         api_key=read.get("API_KEY"),
-        log_prompts=read.get("LOG_PROMPTS", False),
+        log_prompts=read.get("LOG_PROMPTS"),
+        messages_api_enabled=read.get("MESSAGES_API_ENABLED"),
     )
     cloudwatch = EmfConfig(
-        enabled=read.get("CLOUDWATCH_METRICS", True),
-        namespace=read.get("CLOUDWATCH_NAMESPACE", DEFAULT_NAMESPACE),
-        interval_s=read.get("CLOUDWATCH_METRICS_INTERVAL", 60.0),
+        enabled=read.get("CLOUDWATCH_METRICS"),
+        namespace=read.get("CLOUDWATCH_NAMESPACE"),
+        interval_s=read.get("CLOUDWATCH_METRICS_INTERVAL"),
         endpoint_name=read.get("CLOUDWATCH_ENDPOINT_NAME"),
-        variant_name=read.get("CLOUDWATCH_VARIANT_NAME", "AllTraffic"),
+        variant_name=read.get("CLOUDWATCH_VARIANT_NAME"),
     )
     return Settings(engine=engine, launcher=launcher, limits=limits, server=server, model_label=label,
                     cloudwatch=cloudwatch, shard_variable=shard_var, quantize_variable=quantize_var)  # fmt: skip
@@ -214,7 +219,7 @@ def markdown_table() -> str:
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for var in VARIABLES:
         names = " / ".join(f"`{n}`" for n in var.names)
-        rows.append(f"| {names} | {var.default} | {var.doc} |")
+        rows.append(f"| {names} | {var.default_text} | {var.doc} |")
     return "\n".join(rows)
 
 

@@ -5,13 +5,15 @@ and builds the frozen configs, and the SDK validates an endpoint's environment a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import ATTENTION_BACKENDS, DTYPES
+from engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
 from engine.quant.config import METHODS as QUANTIZE_METHODS
-from serve.emf import DEFAULT_NAMESPACE
+from serve.emf_exporter import EmfConfig
+from serve.server_config import ServerConfig
 
 
 class SettingsError(ValueError):
@@ -111,13 +113,33 @@ _BOOL = "true or false (1/0, yes/no, on/off)"
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def _default(cls: type, name: str) -> Any:
+    """A config dataclass field's default: the one source of that setting's default value."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Variable:
     names: tuple[str, ...]  # the first one set (and non-empty) wins
     accepts: str
     parse: Callable[[str], Any]  # raises ValueError on a bad value
-    default: str  # for the docs
+    default: str  # for the docs where the default is derived (else "": the value below, rendered)
     doc: str
+    value: Any = None  # the default value settings.py uses (None: derived there, or unset)
+
+    @property
+    def default_text(self) -> str:
+        return self.default or _render(self.value)
 
 
 # fmt: off
@@ -126,70 +148,83 @@ VARIABLES: tuple[Variable, ...] = (
              "else the embedded SmolLM2-135M", "model to serve: hub id, model directory or .gguf file"),
     Variable(("HF_MODEL_REVISION", "REVISION"), "a revision", _text, "main", "hub revision (branch, tag, commit)"),
     Variable(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), "a token", _text, "-", "token for gated/private hub models"),
-    Variable(("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), _BOOL, _bool, "false",
-             "allow custom code from the model repository"),
+    Variable(("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), _BOOL, _bool, "",
+             "allow custom code from the model repository", value=_default(EngineConfig, "trust_remote_code")),
     Variable(("SM_NUM_GPUS", "NUM_SHARD"), _POSITIVE, _positive_int, "visible GPUs (1 on CPU)",
              "tensor-parallel degree: processes (GPUs) the model is sharded over"),
-    Variable(("SERVE_COLLECTIVE_TIMEOUT",), "a positive number of seconds", _positive_seconds, "600",
-             "a tensor-parallel collective waiting longer on a rank fails the engine"),
+    Variable(("SERVE_COLLECTIVE_TIMEOUT",), "a positive number of seconds", _positive_seconds, "",
+             "a tensor-parallel collective waiting longer on a rank fails the engine",
+             value=_default(EngineConfig, "collective_timeout_s")),
     Variable(("HF_MODEL_QUANTIZE", "QUANTIZE"), "one of " + ", ".join(QUANTIZE_METHODS), _choice(*QUANTIZE_METHODS),
              "what the checkpoint holds", "weight quantization (docs/quantization.md): TGI's bitsandbytes, "
              "bitsandbytes-nf4, bitsandbytes-fp4, gptq, awq, fp8; int8 / int4 made at load; gguf keeps a GGUF "
              "file's Q4_0 / Q4_1 / Q8_0; none serves 16-bit weights (GGUF dequantized)"),
-    Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "auto", "auto: bfloat16 (float16 on GPUs "
-             "without bf16)"),
+    Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "", "auto: bfloat16 (float16 on GPUs "
+             "without bf16)", value=_default(EngineConfig, "dtype")),
     Variable(("ATTENTION_BACKEND",), "one of auto, " + ", ".join(ATTENTION_BACKENDS),
-             _choice("auto", *ATTENTION_BACKENDS), "auto", "attention kernels; auto: triton on GPUs, the compiled "
-             "kernels on CPU (the start-up log's plan line says which ran)"),
-    Variable(("CUDA_GRAPHS",), _BOOL, _bool, "true", "GPU: replay decode steps as CUDA graphs (one per batch-size "
-             "bucket up to MAX_BATCH_SIZE)"),
-    Variable(("CUDA_MEMORY_FRACTION",), "a number in (0, 1]", _fraction, "0.9", "GPU: share of device memory for "
-             "weights, activations and the KV cache (the cache gets what a profile step leaves)"),
+             _choice("auto", *ATTENTION_BACKENDS), "", "attention kernels; auto: triton on GPUs, the compiled "
+             "kernels on CPU (the start-up log's plan line says which ran)", value="auto"),
+    Variable(("CUDA_GRAPHS",), _BOOL, _bool, "", "GPU: replay decode steps as CUDA graphs (one per batch-size "
+             "bucket up to MAX_BATCH_SIZE)", value=_default(EngineConfig, "cuda_graphs")),
+    Variable(("CUDA_MEMORY_FRACTION",), "a number in (0, 1]", _fraction, "", "GPU: share of device memory for "
+             "weights, activations and the KV cache (the cache gets what a profile step leaves)",
+             value=_default(EngineConfig, "gpu_memory_utilization")),
     Variable(("MAX_TOTAL_TOKENS",), _POSITIVE, _positive_int, "min(model context, 4096)",
              "prompt + generated tokens per request"),
     Variable(("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), _POSITIVE, _positive_int, "MAX_TOTAL_TOKENS - 1",
              "prompt tokens per request"),
-    Variable(("MAX_BATCH_PREFILL_TOKENS",), _POSITIVE, _positive_int, "4096",
-             "prompt tokens computed per engine step (longer prompts are chunked)"),
+    Variable(("MAX_BATCH_PREFILL_TOKENS",), _POSITIVE, _positive_int, "",
+             "prompt tokens computed per engine step (longer prompts are chunked)",
+             value=_default(EngineConfig, "max_batch_prefill_tokens")),
     Variable(("MAX_BATCH_TOTAL_TOKENS",), _POSITIVE, _positive_int, "fits the memory budget",
              "KV-cache capacity in tokens"),
-    Variable(("PREFIX_CACHING",), _BOOL, _bool, "true",
-             "reuse the KV-cache blocks of prompts' shared leading tokens (system prompts, chat history)"),
+    Variable(("PREFIX_CACHING",), _BOOL, _bool, "",
+             "reuse the KV-cache blocks of prompts' shared leading tokens (system prompts, chat history)",
+             value=_default(EngineConfig, "enable_prefix_caching")),
     Variable(("MAX_BATCH_SIZE",), _POSITIVE, _positive_int, "min(256, MAX_CONCURRENT_REQUESTS)",
              "sequences decoded together per step"),
-    Variable(("MAX_CONCURRENT_REQUESTS",), _POSITIVE, _positive_int, "128",
-             "requests in the engine (queued + running); more get 429"),
-    Variable(("MAX_STOP_SEQUENCES",), _NON_NEGATIVE, _non_negative_int, "4", "stop sequences per request"),
-    Variable(("MAX_TOP_N_TOKENS",), _NON_NEGATIVE, _non_negative_int, "5", "`top_n_tokens` per request"),
-    Variable(("MAX_BEST_OF",), _POSITIVE, _positive_int, "2", "`best_of` per request"),
-    Variable(("MAX_CLIENT_BATCH_SIZE",), _POSITIVE, _positive_int, "4", "prompts per request"),
+    Variable(("MAX_CONCURRENT_REQUESTS",), _POSITIVE, _positive_int, "",
+             "requests in the engine (queued + running); more get 429",
+             value=_default(ServerConfig, "max_concurrent_requests")),
+    Variable(("MAX_STOP_SEQUENCES",), _NON_NEGATIVE, _non_negative_int, "", "stop sequences per request",
+             value=_default(ServerConfig, "max_stop_sequences")),
+    Variable(("MAX_TOP_N_TOKENS",), _NON_NEGATIVE, _non_negative_int, "", "`top_n_tokens` per request",
+             value=_default(ServerConfig, "max_top_n_tokens")),
+    Variable(("MAX_BEST_OF",), _POSITIVE, _positive_int, "", "`best_of` per request",
+             value=_default(ServerConfig, "max_best_of")),
+    Variable(("MAX_CLIENT_BATCH_SIZE",), _POSITIVE, _positive_int, "", "prompts per request",
+             value=_default(ServerConfig, "max_client_batch_size")),
     Variable(("PAYLOAD_LIMIT",), "a positive integer (bytes)", _positive_int, "6291456 (6 MiB)",
-             "request body size, on the bytes read however the body is framed (413 beyond)"),
-    Variable(("MESSAGES_API_ENABLED",), _BOOL, _bool, "true", "accepted for TGI compatibility; the Messages API is "
-             "always served"),
+             "request body size, on the bytes read however the body is framed (413 beyond)",
+             value=_default(ServerConfig, "payload_limit")),
+    Variable(("MESSAGES_API_ENABLED",), _BOOL, _bool, "", "false: `/invocations` refuses OpenAI chat bodies "
+             "(`messages`) with 422, as TGI without the Messages API; `/v1/chat/completions` is always served",
+             value=_default(ServerConfig, "messages_api_enabled")),
     Variable(("API_KEY",), "a key", _text, "-", "when set, generation routes and /tokenize need `Authorization: Bearer "
              "<key>` (never /ping, /health, /metrics, /info, /v1/models, /openapi.json)"),
-    Variable(("LOG_PROMPTS",), _BOOL, _bool, "false", "log prompts and generated text"),
-    Variable(("LOG_LEVEL",), "one of " + ", ".join(_LEVELS), _choice(*_LEVELS, "warn"), "info", "log level"),
-    Variable(("SAGEMAKER_BIND_TO_PORT",), "a port number (1-65535)", _port, "8080", "HTTP port"),
+    Variable(("LOG_PROMPTS",), _BOOL, _bool, "", "log prompts and generated text",
+             value=_default(ServerConfig, "log_prompts")),
+    Variable(("LOG_LEVEL",), "one of " + ", ".join(_LEVELS), _choice(*_LEVELS, "warn"), "", "log level", value="info"),
+    Variable(("SAGEMAKER_BIND_TO_PORT",), "a port number (1-65535)", _port, "", "HTTP port", value=8080),
     Variable(("SAGEMAKER_SAFE_PORT_RANGE",), "'LOW-HIGH' with 1 <= LOW <= HIGH <= 65535", _port_range, "-",
              "ports the container may use internally: the tensor-parallel rendezvous port comes from it"),
-    Variable(("SM_OPT_ML_DIR",), "a directory", _text, "/opt/ml", "SageMaker's /opt/ml root (moved in tests)"),
-    Variable(("SERVE_WORKERS", "SAGEMAKER_MODEL_SERVER_WORKERS"), _POSITIVE, _positive_int, "2",
-             "gunicorn worker processes"),
+    Variable(("SM_OPT_ML_DIR",), "a directory", _text, "", "SageMaker's /opt/ml root (moved in tests)",
+             value="/opt/ml"),
+    Variable(("SERVE_WORKERS", "SAGEMAKER_MODEL_SERVER_WORKERS"), _POSITIVE, _positive_int, "",
+             "gunicorn worker processes", value=2),
     Variable(("SERVE_THREADS",), _POSITIVE, _positive_int, "MAX_CONCURRENT_REQUESTS + 16", "threads per worker"),
-    Variable(("SERVE_DRAIN_TIMEOUT",), "a non-negative number of seconds", float, "25",
-             "on SIGTERM, how long in-flight requests may run on"),
-    Variable(("CLOUDWATCH_METRICS",), _BOOL, _bool, "true", "write a CloudWatch EMF metrics line to stdout every "
-             "interval"),
+    Variable(("SERVE_DRAIN_TIMEOUT",), "a non-negative number of seconds", float, "",
+             "on SIGTERM, how long in-flight requests may run on", value=25.0),
+    Variable(("CLOUDWATCH_METRICS",), _BOOL, _bool, "", "write a CloudWatch EMF metrics line to stdout every "
+             "interval", value=_default(EmfConfig, "enabled")),
     Variable(("CLOUDWATCH_NAMESPACE",), "a CloudWatch namespace (1-255 characters, not AWS/...)", _namespace,
-             DEFAULT_NAMESPACE, "namespace of the EMF metrics"),
-    Variable(("CLOUDWATCH_METRICS_INTERVAL",), "a number of seconds >= 1", _seconds, "60",
-             "seconds between EMF lines"),
+             "", "namespace of the EMF metrics", value=_default(EmfConfig, "namespace")),
+    Variable(("CLOUDWATCH_METRICS_INTERVAL",), "a number of seconds >= 1", _seconds, "",
+             "seconds between EMF lines", value=_default(EmfConfig, "interval_s")),
     Variable(("CLOUDWATCH_ENDPOINT_NAME",), "an endpoint name (at most 1024 characters)", _dimension, "-",
              "`EndpointName` dimension of the EMF metrics (the SDK sets it; no such dimension when unset)"),
-    Variable(("CLOUDWATCH_VARIANT_NAME",), "a variant name (at most 1024 characters)", _dimension, "AllTraffic",
-             "`VariantName` dimension of the EMF metrics"),
+    Variable(("CLOUDWATCH_VARIANT_NAME",), "a variant name (at most 1024 characters)", _dimension, "",
+             "`VariantName` dimension of the EMF metrics", value=_default(EmfConfig, "variant_name")),
 )
 # fmt: on
 VARIABLES_BY_NAME = {name: var for var in VARIABLES for name in var.names}

@@ -206,6 +206,8 @@ def create_app(
             body = GenerateRequest.model_validate(data)
             return tgi.respond(body, record(), stream=body.stream, compat=True)
         if "messages" in data:
+            if not config.messages_api_enabled:
+                raise ValidationError("The Messages API is disabled (MESSAGES_API_ENABLED=false): send `inputs`")
             return openai.chat(ChatRequest.model_validate(data), record())
         if "prompt" in data:
             return openai.completion(CompletionRequest.model_validate(data), record())

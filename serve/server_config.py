@@ -26,6 +26,7 @@ class ServerConfig:
     payload_limit: int = 6 * 2**20  # bytes; SageMaker's own request limit is 6 MB
     api_key: str | None = field(default=None, repr=False)
     log_prompts: bool = False
+    messages_api_enabled: bool = True  # SageMaker's /invocations takes OpenAI chat bodies (`messages`)
     metrics_dir: str | None = None  # prometheus_client multiprocess directory (gunicorn workers)
     # Cap on max_new_tokens when a request gives none; None = TGI: max_total_tokens - input tokens.
     default_max_new_tokens: int | None = None

@@ -184,7 +184,7 @@ def test_ports_agree_with_the_bind_port(rendered: dict[str, list[dict[str, Any]]
     docs = rendered["base"]
     container, port = server(docs), settings_of(docs).launcher.port
     default = VARIABLES_BY_NAME["SAGEMAKER_BIND_TO_PORT"]
-    assert port == int(environment(container).get("SAGEMAKER_BIND_TO_PORT", default.parse(default.default)))
+    assert port == int(environment(container).get("SAGEMAKER_BIND_TO_PORT", default.value))
     assert [p["containerPort"] for p in container["ports"]] == [port]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert port_number(container, container[probe]["httpGet"]["port"]) == port, probe

@@ -269,3 +269,13 @@ def test_access_log_line(serve_env: Served, access_log: _Lines, log_prompts: boo
     assert line["ttft_ms"] > 0 and line["total_ms"] >= line["ttft_ms"] and line["queue_ms"] is not None
     assert (secret in json.dumps(line)) is log_prompts
     assert "trace=1" not in json.dumps(line)
+
+
+def test_messages_api_disabled_refuses_chat_bodies_on_invocations(serve_env) -> None:
+    """MESSAGES_API_ENABLED=false: /invocations takes TGI bodies only (422 for `messages`); the OpenAI route stays."""
+    api = serve_env.app(messages_api_enabled=False).test_client()
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = api.post("/invocations", json=body)
+    assert r.status_code == 422 and "MESSAGES_API_ENABLED" in r.json["error"]
+    assert api.post("/invocations", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    assert api.post("/v1/chat/completions", json=body).status_code == 200

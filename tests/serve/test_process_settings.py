@@ -11,7 +11,8 @@ import pytest
 
 from container.ports import free_port
 from container.settings import SettingsError, TokenLimits, load_settings, markdown_table
-from container.variables import VARIABLES
+from container.variables import VARIABLES, VARIABLES_BY_NAME
+from engine.config import EngineConfig
 from tests.serve._process import base_env, run_serve, write_chain_model
 
 try:
@@ -33,7 +34,7 @@ def test_defaults_match_tgi_and_sagemaker(tmp_path: Path) -> None:
     assert s.launcher.threads == 128 + 16 and s.launcher.safe_port_range is None
     assert s.server == dict(
         model_id="org/model", max_concurrent_requests=128, max_stop_sequences=4, max_top_n_tokens=5, max_best_of=2,
-        max_client_batch_size=4, payload_limit=6 << 20, api_key=None, log_prompts=False,
+        max_client_batch_size=4, payload_limit=6 << 20, api_key=None, log_prompts=False, messages_api_enabled=True,
     )  # fmt: skip
     assert s.engine.model == "org/model" and s.engine.dtype == "auto" and s.engine.max_model_len is None
     assert s.engine.max_num_seqs == 128 and s.engine.max_batch_prefill_tokens == 4096
@@ -52,7 +53,7 @@ def test_values_and_aliases(tmp_path: Path) -> None:
         MESSAGES_API_ENABLED="false", MAX_STOP_SEQUENCES="", SERVE_COLLECTIVE_TIMEOUT="30", PREFIX_CACHING="0",
     )  # fmt: skip
     assert (s.launcher.port, s.launcher.safe_port_range, s.launcher.workers) == (9000, (20000, 20999), 3)
-    assert s.launcher.log_level == "warning" and s.launcher.threads == 8 + 16 and not s.launcher.messages_api_enabled
+    assert s.launcher.log_level == "warning" and s.launcher.threads == 8 + 16 and not s.server["messages_api_enabled"]
     e = s.engine
     assert (e.hf_token, e.revision, e.trust_remote_code, e.dtype) == ("tok", "v2", True, "bfloat16")
     assert (e.max_model_len, e.max_batch_total_tokens, e.max_num_seqs) == (200, 5000, 8)
@@ -121,6 +122,28 @@ def test_free_port_in_the_safe_range() -> None:
 def test_every_variable_is_documented() -> None:
     table = markdown_table()
     assert all(f"`{name}`" in table for var in VARIABLES for name in var.names)
+
+
+def test_the_readme_holds_the_generated_table() -> None:
+    """The README's settings table is the registry's, row for row (regenerate with `python -m container.settings`)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("\n", readme.index("<!-- settings table")) + 1
+    end = readme.index("\n<!-- end of settings table -->")
+    assert readme[start:end] == markdown_table()
+
+
+def test_defaults_come_from_the_registry() -> None:
+    """Unset, each setting is the registry's value, which is the config dataclass's own default."""
+    s = load_settings({})
+    for name, got in [
+        ("MAX_BATCH_PREFILL_TOKENS", s.engine.max_batch_prefill_tokens),
+        ("CUDA_MEMORY_FRACTION", s.engine.gpu_memory_utilization),
+        ("PAYLOAD_LIMIT", s.server["payload_limit"]),
+        ("SERVE_DRAIN_TIMEOUT", s.launcher.drain_timeout),
+        ("MESSAGES_API_ENABLED", s.server["messages_api_enabled"]),
+    ]:
+        assert got == VARIABLES_BY_NAME[name].value, name
+    assert VARIABLES_BY_NAME["MAX_BATCH_PREFILL_TOKENS"].value == EngineConfig().max_batch_prefill_tokens
 
 
 BAD = [

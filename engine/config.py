@@ -34,7 +34,7 @@ class EngineConfig:
     tensor_parallel_size: int | None = 1
     port_range: tuple[int, int] | None = None  # ports the rendezvous may bind; None: any free port
     collective_timeout_s: float = 600.0  # a collective waiting longer on a rank fails the engine
-    cpu_decode_kernel: bool = True  # CPU: compiled paged decode attention when a C compiler is present
+    cpu_attention_kernels: bool = True  # CPU: the compiled attention kernels (decode and prefill) where a C compiler is
     cpu_fused_ops: bool = True  # CPU: compiled RMSNorm / SiLU * up / rotary / greedy pick (same condition)
     # CPU: bf16 matmuls on the compiled AVX-512 kernel (else oneDNN's packed matmul); None: the kernel unless the CPU
     # has AMX tiles, where oneDNN's AMX matmuls are faster

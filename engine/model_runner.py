@@ -76,9 +76,7 @@ class ModelRunner:
         options = frozenset(o for layer in layers for o in layer.option_names)
         graphs_allowed = getattr(model, "cuda_graphs", True)  # the model may rule them out
         head_dim = layers[0].head_dim
-        plan = resolve_plan(
-            config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed, quant
-        )
+        plan = resolve_plan(config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed, quant)
         if plan.cpu_gemm is not None:
             model.pack_for_cpu(gemm_kernel=plan.cpu_gemm)  # 16-bit: the GEMM kernel's panels or oneDNN's
         if parallel.rank == 0:

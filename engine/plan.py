@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig
-from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
+from engine.layers import cpu_attention_kernels, cpu_fused_ops, cpu_gemm
 from engine.quant.config import QuantConfig
 
 # Layer options (see layers/attention.py) each backend computes; the twin (and the CPU backends through it) all.
@@ -76,9 +76,9 @@ def flash_attn_available(device: torch.device) -> str | None:
 def _cpu_attention(config: EngineConfig, dtype: torch.dtype, head_dim: int, block_size: int) -> str | None:
     """The compiled CPU backend for this cache, or None where no kernel builds (or the config turned them off)."""
     cpu = torch.device("cpu")
-    if not config.cpu_decode_kernel or not cpu_decode_kernel.supports(cpu, dtype):
+    if not config.cpu_attention_kernels or not cpu_attention_kernels.supports(cpu, dtype):
         return None
-    return "cpu_paired" if cpu_decode_kernel.supports_paired(cpu, dtype, head_dim, block_size) else "cpu"
+    return "cpu_paired" if cpu_attention_kernels.supports_paired(cpu, dtype, head_dim, block_size) else "cpu"
 
 
 def resolve_attention(

@@ -61,8 +61,12 @@ def alarm_requests(
             "Metrics": [
                 _stat("invocations", SAGEMAKER, "Invocations", dims),
                 _stat("errors", SAGEMAKER, "Invocation5XXErrors", dims),
-                {"Id": "rate", "Expression": "IF(invocations > 0, 100 * errors / invocations, 0)",
-                 "Label": "5xx error rate (%)", "ReturnData": True},  # fmt: skip
+                {
+                    "Id": "rate",
+                    "Expression": "IF(invocations > 0, 100 * errors / invocations, 0)",
+                    "Label": "5xx error rate (%)",
+                    "ReturnData": True,
+                },  # fmt: skip
             ],
             "Threshold": thresholds.error_rate_percent,
             **common,
@@ -70,8 +74,13 @@ def alarm_requests(
         {
             "AlarmName": names[1],
             "AlarmDescription": f"ModelLatency p90 above {thresholds.model_latency_p90_ms:g} ms on {endpoint}",
-            "Namespace": SAGEMAKER, "MetricName": "ModelLatency", "Dimensions": dims, "ExtendedStatistic": "p90",
-            "Period": PERIOD, "Unit": "Microseconds", "Threshold": thresholds.model_latency_p90_ms * 1000,
+            "Namespace": SAGEMAKER,
+            "MetricName": "ModelLatency",
+            "Dimensions": dims,
+            "ExtendedStatistic": "p90",
+            "Period": PERIOD,
+            "Unit": "Microseconds",
+            "Threshold": thresholds.model_latency_p90_ms * 1000,
             **common,
         },  # fmt: skip
     ]
@@ -96,4 +105,3 @@ def create_alarms(
     for request in requests:
         cloudwatch.put_metric_alarm(**request)
     return [request["AlarmName"] for request in requests]
-

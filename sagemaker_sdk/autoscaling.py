@@ -60,8 +60,10 @@ def policy_configuration(
         spec["CustomizedMetricSpecification"] = {
             "MetricName": emf.IN_FLIGHT.name,
             "Namespace": namespace,
-            "Dimensions": [{"Name": emf.ENDPOINT_DIMENSION, "Value": endpoint},
-                           {"Name": emf.VARIANT_DIMENSION, "Value": variant}],  # fmt: skip
+            "Dimensions": [
+                {"Name": emf.ENDPOINT_DIMENSION, "Value": endpoint},
+                {"Name": emf.VARIANT_DIMENSION, "Value": variant},
+            ],  # fmt: skip
             "Statistic": "Average",
             "Unit": emf.IN_FLIGHT.unit,
         }

@@ -45,26 +45,56 @@ def dashboard_body(endpoint: str, variant: str, region: str, namespace: str = em
         return [ours(spec, stat=p, label=f"{spec.name} {p}") for p in ("p50", "p90", "p99")]
 
     widgets = [
-        _widget("Invocations and errors", [sm("Invocations"), sm("Invocation4XXErrors"), sm("Invocation5XXErrors"),
-                                           sm("InvocationModelErrors")], region, "Sum", "count / min"),  # fmt: skip
-        _widget("Model latency (us)", [sm("ModelLatency", stat=p, label=f"ModelLatency {p}") for p in ("p50", "p90",
-                "p99")] + [sm("OverheadLatency", stat="p90", label="OverheadLatency p90")], region, "p90"),  # fmt: skip
+        _widget(
+            "Invocations and errors",
+            [sm("Invocations"), sm("Invocation4XXErrors"), sm("Invocation5XXErrors"), sm("InvocationModelErrors")],
+            region,
+            "Sum",
+            "count / min",
+        ),  # fmt: skip
+        _widget(
+            "Model latency (us)",
+            [sm("ModelLatency", stat=p, label=f"ModelLatency {p}") for p in ("p50", "p90", "p99")]
+            + [sm("OverheadLatency", stat="p90", label="OverheadLatency p90")],
+            region,
+            "p90",
+        ),  # fmt: skip
         _widget("Time to first token (ms)", percentiles(emf.TIME_TO_FIRST_TOKEN), region, "p50", "ms"),
         _widget("Inter-token latency (ms)", percentiles(emf.INTER_TOKEN_LATENCY), region, "p50", "ms"),
-        _widget("Generated tokens/s (all instances)", [
-            ours(emf.GENERATED_TOKENS, id="tokens", visible=False),
-            [{"expression": f"tokens / {PERIOD}", "label": "generated tokens/s", "id": "rate"}],
-            ours(emf.TOKENS_PER_SECOND, stat="Average", label="per instance (average)"),
-        ], region, "Sum", "tokens/s"),  # fmt: skip
-        _widget("Queue and running batch", [ours(emf.QUEUE_SIZE), ours(emf.BATCH_SIZE), ours(emf.IN_FLIGHT)],
-                region, "Maximum", "requests"),  # fmt: skip
-        _widget("KV-cache usage (%)", [ours(emf.KV_CACHE_USAGE, stat=s, label=s) for s in ("Maximum", "Average")],
-                region, "Maximum"),  # fmt: skip
+        _widget(
+            "Generated tokens/s (all instances)",
+            [
+                ours(emf.GENERATED_TOKENS, id="tokens", visible=False),
+                [{"expression": f"tokens / {PERIOD}", "label": "generated tokens/s", "id": "rate"}],
+                ours(emf.TOKENS_PER_SECOND, stat="Average", label="per instance (average)"),
+            ],
+            region,
+            "Sum",
+            "tokens/s",
+        ),  # fmt: skip
+        _widget(
+            "Queue and running batch",
+            [ours(emf.QUEUE_SIZE), ours(emf.BATCH_SIZE), ours(emf.IN_FLIGHT)],
+            region,
+            "Maximum",
+            "requests",
+        ),  # fmt: skip
+        _widget(
+            "KV-cache usage (%)",
+            [ours(emf.KV_CACHE_USAGE, stat=s, label=s) for s in ("Maximum", "Average")],
+            region,
+            "Maximum",
+        ),  # fmt: skip
         _widget("Requests by outcome", [ours(spec) for spec in emf.OUTCOMES], region, "Sum", "count / min"),
-        _widget("Instance CPU / memory / disk (%)", [host("CPUUtilization"), host("MemoryUtilization"),
-                                                     host("DiskUtilization")], region, "Average"),  # fmt: skip
-        _widget("Instance GPU / GPU memory (%)", [host("GPUUtilization"), host("GPUMemoryUtilization")], region,
-                "Average"),  # fmt: skip
+        _widget(
+            "Instance CPU / memory / disk (%)",
+            [host("CPUUtilization"), host("MemoryUtilization"), host("DiskUtilization")],
+            region,
+            "Average",
+        ),  # fmt: skip
+        _widget(
+            "Instance GPU / GPU memory (%)", [host("GPUUtilization"), host("GPUMemoryUtilization")], region, "Average"
+        ),  # fmt: skip
     ]
     for i, widget in enumerate(widgets):
         widget.update(x=(i % 2) * WIDTH, y=(i // 2) * HEIGHT, width=WIDTH, height=HEIGHT)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.torch_twin import TorchBackend, TwinMetadata
-from engine.layers import cpu_decode_kernel
+from engine.layers import cpu_attention_kernels
 from engine.layers.attention import Attention
 from engine.step_input import StepInput
 
@@ -38,14 +38,14 @@ class CpuBackend(TorchBackend):
         meta.decode_context_lens = torch.tensor(step.decode_lens, dtype=torch.long)
 
     def _decode(self, layer: Attention, q: torch.Tensor, meta: TwinMetadata) -> torch.Tensor:
-        return cpu_decode_kernel.paged_decode(
+        return cpu_attention_kernels.paged_decode(
             q, layer.k_cache, layer.v_cache, meta.decode_block_tables, meta.decode_context_lens, layer.scale
         )
 
 
 @dataclass
 class PairedMetadata(TwinMetadata):
-    kernel_rows: cpu_decode_kernel.KernelRows | None = None  # every row of the step in one kernel call
+    kernel_rows: cpu_attention_kernels.KernelRows | None = None  # every row of the step in one kernel call
 
 
 class CpuPairedBackend(TorchBackend):
@@ -68,7 +68,7 @@ class CpuPairedBackend(TorchBackend):
         self._slot_metadata(step, meta)
         # One kernel call per layer: decode rows, then each chunk's rows (its K/V written first).
         chunks = [(start, end, table) for _, start, end, table in step.prefills]
-        meta.kernel_rows = cpu_decode_kernel.kernel_rows(step.decode_tables, step.decode_lens, chunks)
+        meta.kernel_rows = cpu_attention_kernels.kernel_rows(step.decode_tables, step.decode_lens, chunks)
         if self.general:
             meta.sequences = self._sequences(step)
         return meta
@@ -78,4 +78,4 @@ class CpuPairedBackend(TorchBackend):
     ) -> torch.Tensor:
         if layer.has_options:
             return self._general(layer, q, meta)
-        return cpu_decode_kernel.paired_attention(q, layer.k_cache, layer.v_cache, meta.kernel_rows, layer.scale)
+        return cpu_attention_kernels.paired_attention(q, layer.k_cache, layer.v_cache, meta.kernel_rows, layer.scale)

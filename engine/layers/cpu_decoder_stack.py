@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.layers import cpu_decode_kernel, cpu_fused_ops, cpu_gemm
+from engine.layers import cpu_attention_kernels, cpu_fused_ops, cpu_gemm
 from engine.layers.cpu_build import bind, load_library
 from engine.layers.cpu_gemm import PackedWeight
 from engine.quant import cpu_kernel
@@ -76,7 +76,7 @@ class DecoderStack:
     """The compiled twin of LlamaModel's layer loop and final norm for one model (see `build`)."""
 
     def __init__(self, model) -> None:  # model: engine.models.llama.LlamaModel
-        fused, paired = cpu_fused_ops._lib(), cpu_decode_kernel.load_paired_kernel()
+        fused, paired = cpu_fused_ops._lib(), cpu_attention_kernels.load_paired_kernel()
         first = model.layers[0]
         quantized = first.mlp.down_proj.qmatmul is not None  # every matmul on the int kernel (see build)
         gemm = cpu_kernel._lib().gemm_q_desc if quantized else cpu_gemm._lib().gemm_bf16
@@ -119,7 +119,7 @@ class DecoderStack:
         """The stack for `model` (LlamaModel), or None where it cannot run: no compiler, not bf16, tensor parallel,
         matmuls not all on the bf16 GEMM kernel nor all on the int kernel, the fused ops off, or a plain-layout
         cache."""
-        if _lib() is None or cpu_fused_ops._lib() is None or cpu_decode_kernel.load_paired_kernel() is None:
+        if _lib() is None or cpu_fused_ops._lib() is None or cpu_attention_kernels.load_paired_kernel() is None:
             return None
         if not model.rotary.fused or model.rotary.cos.dtype != torch.float32:
             return None

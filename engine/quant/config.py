@@ -150,9 +150,7 @@ def check_device(conf: QuantConfig, device: torch.device) -> None:
         cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if cap is None or cap < (8, 9):
             where = "the CPU" if cap is None else f"a GPU of compute capability {cap[0]}.{cap[1]}"
-            raise QuantizationError(
-                f"fp8 needs a GPU with FP8 (compute capability 8.9+: L4, L40S, H100), not {where}"
-            )
+            raise QuantizationError(f"fp8 needs a GPU with FP8 (compute capability 8.9+: L4, L40S, H100), not {where}")
     if conf.method.startswith("bitsandbytes") and importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationError(
             f"{conf.method} needs the bitsandbytes package (pip install 'sagemaker-llm-server[quant]')"

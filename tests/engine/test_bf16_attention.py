@@ -59,7 +59,7 @@ def _agree(got: list[RequestOutput], want: list[RequestOutput]) -> None:
 )
 def test_paired_kernel_agrees_with_the_twin(config: dict, soft_engines: Engines) -> None:
     kernel = soft_engines(MODEL, dtype="bfloat16", **config)
-    twin = soft_engines(MODEL, dtype="bfloat16", cpu_decode_kernel=False, **config)
+    twin = soft_engines(MODEL, dtype="bfloat16", cpu_attention_kernels=False, **config)
     assert kernel.engine.runner.paired and not twin.engine.runner.paired
     assert kernel.engine.runner.model.attention_layers()[0].k_cache.dim() == 5
     _agree(_generate(kernel), _generate(twin))
@@ -69,14 +69,14 @@ def test_odd_block_size_keeps_the_plain_layout(soft_engines: Engines) -> None:
     config = {"dtype": "bfloat16", "block_size": 1, "max_batch_total_tokens": 512}
     plain = soft_engines(MODEL, **config)
     assert plain.engine.runner.decode_kernel and not plain.engine.runner.paired
-    _agree(_generate(plain), _generate(soft_engines(MODEL, cpu_decode_kernel=False, **config)))
+    _agree(_generate(plain), _generate(soft_engines(MODEL, cpu_attention_kernels=False, **config)))
 
 
 def test_every_compiled_path_agrees_with_the_torch_paths(soft_engines: Engines) -> None:
     """bf16 with the GEMM kernel, fused ops and paired attention (the CPU default) against oneDNN matmuls, torch
     element-wise ops and the attention twin, all at once."""
     compiled = soft_engines(MODEL, dtype="bfloat16", cpu_gemm=True)  # the default, except on AMX CPUs
-    torch_only = soft_engines(MODEL, dtype="bfloat16", cpu_decode_kernel=False, cpu_fused_ops=False, cpu_gemm=False)
+    torch_only = soft_engines(MODEL, dtype="bfloat16", cpu_attention_kernels=False, cpu_fused_ops=False, cpu_gemm=False)
     runner = compiled.engine.runner
     assert runner.fused_ops and runner.paired and runner.decoder_stack and not torch_only.engine.runner.fused_ops
     assert isinstance(runner.model.model.layers[0].mlp.down_proj.packed, cpu_gemm.PackedWeight)

@@ -85,7 +85,9 @@ def test_compiled_and_torch_paths_match_transformers(name: str, engines: Engines
     """The compiled CPU paths (decode kernel, fused ops: the default where a C compiler exists), each alone, and
     their pure-torch twins."""
     for kernel, fused in ((True, True), (True, False), (False, True), (False, False)):
-        llm = engines(name, cpu_decode_kernel=kernel, cpu_fused_ops=fused, max_batch_total_tokens=256, block_size=16)
+        llm = engines(
+            name, cpu_attention_kernels=kernel, cpu_fused_ops=fused, max_batch_total_tokens=256, block_size=16
+        )
         assert llm.engine.runner.decode_kernel is kernel and llm.engine.runner.fused_ops is fused
         _check_staggered(llm, oracle, name)
 

@@ -11,7 +11,7 @@ import torch
 
 from engine.attention.cpu import CpuPairedBackend
 from engine.attention.torch_twin import TorchBackend, TwinMetadata, pair, unpair
-from engine.layers import cpu_decode_kernel
+from engine.layers import cpu_attention_kernels
 from engine.layers.attention import Attention
 
 
@@ -51,7 +51,7 @@ def _torch_decode(q, kc, vc, bt, lens) -> torch.Tensor:
 
 
 def test_the_kernel_builds_here() -> None:
-    assert cpu_decode_kernel.load_kernel() is not None, "a C compiler is on every machine we test on"
+    assert cpu_attention_kernels.load_kernel() is not None, "a C compiler is on every machine we test on"
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -59,7 +59,7 @@ def test_the_kernel_builds_here() -> None:
 @pytest.mark.parametrize(("block_size", "lens"), [(4, [1, 4, 5, 13]), (16, [1, 16, 33, 100, 7]), (64, [200])])
 def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, block_size, lens) -> None:
     q, kc, vc, bt, ctx = _case(dtype, heads, kv_heads, block_size, lens)
-    got = cpu_decode_kernel.paged_decode(q, kc, vc, bt, ctx, q.shape[2] ** -0.5)
+    got = cpu_attention_kernels.paged_decode(q, kc, vc, bt, ctx, q.shape[2] ** -0.5)
     want = _torch_decode(q, kc, vc, bt, ctx)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
@@ -70,7 +70,7 @@ def test_kernel_matches_the_torch_path(dtype, tol, heads, kv_heads, block_size, 
 def test_kernel_head_dims(head_dim: int, dtype: torch.dtype) -> None:
     """Whole 64-lane groups, single 16-lane tiles and scalar tails of the head dimension."""
     q, kc, vc, bt, ctx = _case(dtype, 8, 2, 16, [1, 15, 16, 70, 129], seed=3, hd=head_dim)
-    got = cpu_decode_kernel.paged_decode(q, kc, vc, bt, ctx, head_dim**-0.5)
+    got = cpu_attention_kernels.paged_decode(q, kc, vc, bt, ctx, head_dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), _torch_decode(q, kc, vc, bt, ctx).float(), atol=tol, rtol=tol)
 
@@ -78,12 +78,12 @@ def test_kernel_head_dims(head_dim: int, dtype: torch.dtype) -> None:
 def test_kernel_reads_only_each_sequences_own_context() -> None:
     """Garbage (huge values) past each sequence's length, in its last block and in padding, changes nothing."""
     q, kc, vc, bt, ctx = _case(torch.float32, 4, 2, 8, [3, 9, 16])
-    clean = cpu_decode_kernel.paged_decode(q, kc, vc, bt, ctx, 0.25)
+    clean = cpu_attention_kernels.paged_decode(q, kc, vc, bt, ctx, 0.25)
     for row, n in enumerate(ctx.tolist()):
         last = bt[row, (n - 1) // 8]
         kc[last, :, :, n % 8 or 8 :] = 1e4
         vc[last, :, n % 8 or 8 :] = 1e4
-    torch.testing.assert_close(cpu_decode_kernel.paged_decode(q, kc, vc, bt, ctx, 0.25), clean)
+    torch.testing.assert_close(cpu_attention_kernels.paged_decode(q, kc, vc, bt, ctx, 0.25), clean)
 
 
 # The paired ("VNNI") layout and its kernel: decode rows against the torch twin reading the same paired cache,
@@ -95,8 +95,8 @@ def _paired_case(heads: int, kv_heads: int, block_size: int, lens: list[int], hd
     return q, pair(kc).contiguous(), pair(vc).contiguous(), bt, ctx
 
 
-def _decode_rows(bt: torch.Tensor, ctx: torch.Tensor) -> cpu_decode_kernel.KernelRows:
-    return cpu_decode_kernel.kernel_rows(bt.tolist(), ctx.tolist(), [])
+def _decode_rows(bt: torch.Tensor, ctx: torch.Tensor) -> cpu_attention_kernels.KernelRows:
+    return cpu_attention_kernels.kernel_rows(bt.tolist(), ctx.tolist(), [])
 
 
 def test_paired_layout_round_trip_and_twin() -> None:
@@ -116,7 +116,7 @@ def test_paired_layout_round_trip_and_twin() -> None:
 @pytest.mark.parametrize(("block_size", "lens"), [(4, [1, 4, 5, 13]), (16, [1, 16, 33, 100, 7]), (64, [200, 63, 129])])
 def test_paired_kernel_matches_the_twin(heads, kv_heads, hd, block_size, lens) -> None:
     q, kc, vc, bt, ctx = _paired_case(heads, kv_heads, block_size, lens, hd=hd, seed=hd)
-    got = cpu_decode_kernel.paired_attention(q, kc, vc, _decode_rows(bt, ctx), hd**-0.5)
+    got = cpu_attention_kernels.paired_attention(q, kc, vc, _decode_rows(bt, ctx), hd**-0.5)
     want = _twin(q, kc, vc, bt, ctx, paired=True)
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
@@ -124,23 +124,23 @@ def test_paired_kernel_matches_the_twin(heads, kv_heads, hd, block_size, lens) -
 
 def test_paired_layout_needs_even_dims_and_blocks() -> None:
     cpu = torch.device("cpu")
-    assert cpu_decode_kernel.supports_paired(cpu, torch.bfloat16, 64, 64)
-    assert not cpu_decode_kernel.supports_paired(cpu, torch.bfloat16, 63, 64)  # odd head_dim: plain layout
-    assert not cpu_decode_kernel.supports_paired(cpu, torch.bfloat16, 64, 1)  # odd block size: plain layout
-    assert not cpu_decode_kernel.supports_paired(cpu, torch.float32, 64, 64)
-    assert not cpu_decode_kernel.supports_paired(torch.device("meta"), torch.bfloat16, 64, 64)
+    assert cpu_attention_kernels.supports_paired(cpu, torch.bfloat16, 64, 64)
+    assert not cpu_attention_kernels.supports_paired(cpu, torch.bfloat16, 63, 64)  # odd head_dim: plain layout
+    assert not cpu_attention_kernels.supports_paired(cpu, torch.bfloat16, 64, 1)  # odd block size: plain layout
+    assert not cpu_attention_kernels.supports_paired(cpu, torch.float32, 64, 64)
+    assert not cpu_attention_kernels.supports_paired(torch.device("meta"), torch.bfloat16, 64, 64)
 
 
 def test_paired_kernel_ignores_garbage_past_the_context() -> None:
     """NaN in K and V past each context (an odd context leaves half of a V pair outside) changes nothing."""
     q, kc, vc, bt, ctx = _paired_case(9, 3, 8, [3, 9, 16, 5])
     rows = _decode_rows(bt, ctx)
-    clean = cpu_decode_kernel.paired_attention(q, kc, vc, rows, 0.125)
+    clean = cpu_attention_kernels.paired_attention(q, kc, vc, rows, 0.125)
     for row, n in enumerate(ctx.tolist()):
         last, used = bt[row, (n - 1) // 8], n % 8 or 8
         unpair(kc)[last, :, :, used:] = float("nan")
         unpair(vc)[last, :, used:] = float("nan")
-    torch.testing.assert_close(cpu_decode_kernel.paired_attention(q, kc, vc, rows, 0.125), clean)
+    torch.testing.assert_close(cpu_attention_kernels.paired_attention(q, kc, vc, rows, 0.125), clean)
 
 
 def _reference_rows(q, kc, vc, tables: list[list[int]], ctx: list[int], which: list[int]) -> torch.Tensor:
@@ -165,21 +165,21 @@ def test_paired_kernel_runs_decode_and_prefill_rows_together(block_size: int) ->
     _, kc, vc, bt, _ = _paired_case(9, 3, block_size, lens, hd=64, seed=5)
     tables = [row[: -(-n // block_size)] for row, n in zip(bt.tolist(), lens)]
     chunks = [(0, 37, tables[2]), (20, 45, tables[3])]
-    rows = cpu_decode_kernel.kernel_rows(tables[:2], lens[:2], chunks)
+    rows = cpu_attention_kernels.kernel_rows(tables[:2], lens[:2], chunks)
     ctx = [7, 70, *range(1, 38), *range(21, 46)]
     which = [0, 1] + [2] * 37 + [3] * 25
     assert rows.row_ctx.tolist() == ctx and rows.num_rows == len(ctx)
     q = torch.randn(len(ctx), 9 + 6, 64, generator=g).bfloat16()[:, :9]  # strided rows, as in the model
-    got = cpu_decode_kernel.paired_attention(q, kc, vc, rows, 64**-0.5)
+    got = cpu_attention_kernels.paired_attention(q, kc, vc, rows, 64**-0.5)
     want = _reference_rows(q, kc, vc, tables, ctx, which)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
 def test_portable_build_matches_the_native_one(portable_build) -> None:
     """csrc/paired_attention.c without avx512_bf16 (GCC vector extensions only) computes the same thing."""
-    portable = cpu_decode_kernel.bind_paired(portable_build("paired_attention"))
+    portable = cpu_attention_kernels.bind_paired(portable_build("paired_attention"))
     q, kc, vc, bt, ctx = _paired_case(9, 3, 16, [1, 16, 33, 100, 7], hd=80)
     rows = _decode_rows(bt, ctx)
-    got = cpu_decode_kernel.paired_attention(q, kc, vc, rows, 80**-0.5, lib=portable)
-    native = cpu_decode_kernel.paired_attention(q, kc, vc, rows, 80**-0.5)
+    got = cpu_attention_kernels.paired_attention(q, kc, vc, rows, 80**-0.5, lib=portable)
+    native = cpu_attention_kernels.paired_attention(q, kc, vc, rows, 80**-0.5)
     torch.testing.assert_close(got.float(), native.float(), atol=1e-2, rtol=1e-2)

@@ -30,7 +30,7 @@ def test_cpu_float32_and_odd_shapes_take_the_plain_kernel() -> None:
 
 
 def test_cpu_without_kernels_falls_back_to_the_twin() -> None:
-    assert _plan(cpu_decode_kernel=False).attention == "torch"
+    assert _plan(cpu_attention_kernels=False).attention == "torch"
     assert _plan(dtype=torch.float16).attention == "torch"  # no float16 kernel
     assert not _plan(cpu_fused_ops=False).decoder_stack
 

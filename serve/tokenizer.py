@@ -100,10 +100,9 @@ class WorkerTokenizer:
         texts = list(text) if batched else [text]
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("text input must be of type `str` (single example) or `list[str]` (batch)")
-        if batched:
-            encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        else:  # no thread pool for one text
-            encodings = [self.backend.encode(texts[0], add_special_tokens=add_special_tokens)]
+        # encode_batch even for one text: it releases the GIL (encode does not), so a long prompt never stalls the
+        # worker's other threads, among them the engine client's receiver (stats go stale after a few seconds)
+        encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         out: dict[str, Any] = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],

@@ -132,7 +132,10 @@ class Launcher:
 
     def _start_engine(self, addresses: Addresses) -> None:
         s = self.settings
-        config = EngineProcessConfig(s.engine, addresses, s.server["max_concurrent_requests"], s.launcher.log_level)
+        tokenizer_dir = os.path.join(self.runtime_dir, "tokenizer")  # the engine exports it there for the workers
+        config = EngineProcessConfig(
+            s.engine, addresses, s.server["max_concurrent_requests"], s.launcher.log_level, tokenizer_dir
+        )
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         # not a daemon: it spawns the tensor-parallel ranks; we stop it ourselves, and it dies with us

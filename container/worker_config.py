@@ -26,5 +26,12 @@ def worker_config(s: Settings, addresses: Addresses, facts: EngineFacts, metrics
         facts, server.model_id, server.max_input_tokens, server.max_total_tokens, server.max_concurrent_requests, extra
     )
     return WorkerConfig(
-        addresses, server, info, facts.model_dir, facts.gguf_file, s.engine.trust_remote_code, s.launcher.log_level
+        addresses,
+        server,
+        info,
+        facts.model_dir,
+        facts.gguf_file,
+        s.engine.trust_remote_code,
+        s.launcher.log_level,
+        facts.tokenizer_dir,
     )

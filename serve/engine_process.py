@@ -1,5 +1,6 @@
 """The engine process's entry point (a multiprocessing target started by the launcher): load the model, warm
-it up, report ("ready", EngineFacts) or ("error", kind, message) on the pipe, then run the EngineServer loop.
+it up, export its tokenizer for the workers, report ("ready", EngineFacts) or ("error", kind, message) on the pipe,
+then run the EngineServer loop.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def warm_up(engine: LLMEngine) -> None:
         engine.step()
 
 
-def facts(engine: LLMEngine) -> EngineFacts:
+def facts(engine: LLMEngine, tokenizer_dir: str | None = None) -> EngineFacts:
     context = engine.model_context
     return EngineFacts(
         model_dir=engine.files.directory,
@@ -42,6 +43,7 @@ def facts(engine: LLMEngine) -> EngineFacts:
         kv_cache_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size,
         max_batch_prefill_tokens=engine.config.max_batch_prefill_tokens,
         quantize=engine.runner.plan.quant,
+        tokenizer_dir=tokenizer_dir,
     )
 
 
@@ -87,8 +89,10 @@ def run(config: EngineProcessConfig, conn: Connection) -> None:
 
 
 def _serve(engine: LLMEngine, config: EngineProcessConfig, conn: Connection, started: float) -> int:
+    from serve.tokenizer_export import export_for_workers
+
     server = EngineServer(engine, config, conn)
-    report = facts(engine)
+    report = facts(engine, export_for_workers(engine.tokenizer, config.tokenizer_dir))
     logger.info(
         "model loaded and warmed up in %.1fs: %s (%s on %s, context %d, KV cache %d tokens)",
         time.monotonic() - started,

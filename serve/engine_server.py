@@ -45,6 +45,7 @@ class EngineProcessConfig:
     addresses: Addresses
     max_concurrent_requests: int
     log_level: str = "info"
+    tokenizer_dir: str = ""  # where to export the tokenizer for the HTTP workers (a new dir); "": nowhere
 
 
 class EngineServer:

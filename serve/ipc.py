@@ -102,6 +102,7 @@ class EngineFacts:
     kv_cache_tokens: int
     max_batch_prefill_tokens: int
     quantize: str = "none"  # the plan's quantization: "none" or "<method> on <kernel>"
+    tokenizer_dir: str | None = None  # the tokenizer exported for the workers (serve.tokenizer); None: not exported
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class WorkerConfig:
     tokenizer_gguf: str | None
     trust_remote_code: bool
     log_level: str
+    worker_tokenizer: str | None = None  # EngineFacts.tokenizer_dir; None: load tokenizer_dir with transformers
 
     def write(self, path: str) -> None:
         with open(path, "wb") as f:

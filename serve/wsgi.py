@@ -1,16 +1,17 @@
 """Gunicorn's entry point, run in each worker after the fork: `serve.wsgi:build_app('<runtime dir>/worker.pkl')`.
 
 Reads the config file the launcher wrote (never the environment), connects a ZmqEngineClient to the engine
-process and builds the flask app with serve.app.create_app. It never waits for the engine: until the engine's first
-stats arrive (a fraction of a second) /ping answers 503, and an engine that is gone leaves it at 503. /ping says 200
-only once the launcher has handed the port over (serve.ipc.Handover).
+process and builds the flask app with serve.app.create_app over the tokenizer the engine exported (serve.tokenizer:
+no torch, no transformers in a worker). It never waits for the engine: until the engine's first stats arrive (a
+fraction of a second) /ping answers 503, and an engine that is gone leaves it at 503. /ping says 200 only once the
+launcher has handed the port over (serve.ipc.Handover).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from serve.ipc import Handover, WorkerConfig
 from serve.zmq_client import ZmqEngineClient
@@ -19,15 +20,25 @@ if TYPE_CHECKING:
     from flask import Flask
 
 
+def load_tokenizer(config: WorkerConfig) -> Any:
+    """The engine's export (serve.tokenizer.WorkerTokenizer); transformers' only where the engine could not export."""
+    if config.worker_tokenizer is not None:
+        from serve.tokenizer import WorkerTokenizer
+
+        return WorkerTokenizer.load(config.worker_tokenizer)
+    from engine.model_source import ModelFiles, load_tokenizer  # imports transformers and torch
+
+    return load_tokenizer(ModelFiles(config.tokenizer_dir, config.tokenizer_gguf), config.trust_remote_code)
+
+
 def build_app(config_path: str) -> Flask:
-    from engine.model_source import ModelFiles, load_tokenizer
     from serve.app import create_app
 
     config = WorkerConfig.read(config_path)
     logging.getLogger().setLevel(config.log_level.upper())
     client = ZmqEngineClient(config.addresses, config.model_info)
     client.start()
-    tokenizer = load_tokenizer(ModelFiles(config.tokenizer_dir, config.tokenizer_gguf), config.trust_remote_code)
+    tokenizer = load_tokenizer(config)
     handover = Handover(os.path.dirname(config_path))
     app = create_app(client, config.server, tokenizer, serving=handover.serving)
     handover.booted()

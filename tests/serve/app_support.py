@@ -1,5 +1,6 @@
 """Shared set-up for the HTTP tests (test_app_*.py): one tiny random llama with a chat template, one
-LLMEngine behind one LocalEngineClient for the whole session, and flask apps built over it.
+LLMEngine behind one LocalEngineClient for the whole session, and flask apps built over it with the workers'
+tokenizer (exported as the engine process exports it); transformers' tokenizer stays as the tests' oracle.
 
 The expensive part is memoised here (built once per session); conftest.py exposes it as fixtures.
 """
@@ -23,6 +24,8 @@ from engine.llm_engine import LLMEngine
 from serve.app import create_app
 from serve.local_client import LocalEngineClient
 from serve.server_config import ServerConfig
+from serve.tokenizer import WorkerTokenizer
+from serve.tokenizer_export import export_tokenizer
 from tests.engine.conftest import TinyModels
 
 CHAT_TEMPLATE = (
@@ -44,11 +47,16 @@ class Served:
     path: Path
     engine: LLMEngine
     client: LocalEngineClient
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerFast  # transformers': the oracle
     config: ServerConfig
+    exported: Path  # the workers' tokenizer, as the engine process exports it
+
+    def worker_tokenizer(self) -> WorkerTokenizer:
+        """A fresh copy of the workers' tokenizer (its attributes may be changed)."""
+        return WorkerTokenizer.load(str(self.exported))
 
     def app(self, **overrides: Any) -> Flask:
-        app = create_app(self.client, self.config.replace(**overrides), self.tokenizer)
+        app = create_app(self.client, self.config.replace(**overrides), self.worker_tokenizer())
         app.test_client_class = BufferedClient
         return app
 
@@ -97,8 +105,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
         config = ServerConfig.from_model_info(
             client.model_info(), max_input_tokens=MAX_INPUT_TOKENS, max_total_tokens=MAX_TOTAL_TOKENS
         )
-        tokenizer = AutoTokenizer.from_pretrained(path)  # the worker's own copy, as under gunicorn
-        _SERVED.append(Served(path, engine, client, tokenizer, config))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        exported = tmp_path_factory.mktemp("serve_tokenizer") / "tokenizer"
+        export_tokenizer(engine.tokenizer, str(exported))  # as serve.engine_process does
+        _SERVED.append(Served(path, engine, client, tokenizer, config, exported))
     s = _SERVED[0]
     s.ensure_running()
     return s

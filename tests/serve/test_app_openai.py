@@ -170,7 +170,7 @@ def test_openai_422(api: FlaskClient, route: str, body: object, message: str) ->
 
 
 def test_chat_without_template_is_422(serve_env: Served) -> None:
-    tokenizer = type(serve_env.tokenizer).from_pretrained(serve_env.path)
+    tokenizer = serve_env.worker_tokenizer()
     tokenizer.chat_template = None
     client = create_app(serve_env.client, serve_env.config, tokenizer).test_client()
     assert error(client.post("/v1/chat/completions", json=CHAT), 422, "template_error").startswith("Template error:")

@@ -55,7 +55,7 @@ def test_health(api: FlaskClient, route: str) -> None:
      (None, "/health"), (stats(ready=False), "/health")],
 )  # fmt: skip
 def test_unhealthy_is_503(serve_env: Served, state: EngineStats | None, route: str) -> None:
-    app = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.tokenizer)
+    app = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.worker_tokenizer())
     r = app.test_client().get(route)
     assert r.status_code == 503
     assert r.json["error_type"] == "unhealthy" and "unhealthy" in r.json["error"]
@@ -67,7 +67,7 @@ def test_health_is_liveness(serve_env: Served) -> None:
     saturated = EngineStats(True, False, queue_size=500, batch_size=4, in_flight=4, kv_cache_usage=1.0,
                             kv_cache_blocks=10, time=time.time())  # fmt: skip
     for state, ping in ((stats(draining=True), 503), (saturated, 200)):
-        client = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.tokenizer).test_client()
+        client = create_app(StubClient(state), ServerConfig("stub", 10, 20), serve_env.worker_tokenizer()).test_client()
         assert (client.get("/health").status_code, client.get("/ping").status_code) == (200, ping)
 
 
@@ -139,6 +139,12 @@ def test_tokenize(api: FlaskClient, serve_env: Served) -> None:
     assert tokens[0]["text"] == "" and tokens[0]["start"] == tokens[0]["stop"] == 0  # <s>
     assert "".join(t["text"] for t in tokens) == text
     assert all(text[t["start"] : t["stop"]] == t["text"] for t in tokens)
+    for text in ("東京 😀 </s> x", "  spaced  "):  # the workers' offsets are transformers' (emoji: several tokens)
+        tokens = api.post("/tokenize", json={"inputs": text, "add_special_tokens": False}).json
+        want = serve_env.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert [(t["id"], t["start"], t["stop"]) for t in tokens] == [
+            (i, a, b) for i, (a, b) in zip(want["input_ids"], want["offset_mapping"])
+        ]
 
 
 def test_metrics_names_and_counts(api: FlaskClient) -> None:

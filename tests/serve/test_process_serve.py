@@ -7,6 +7,7 @@ takes the server down with a non-zero exit; nothing is ever left running.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.serve._process import Serve, base_env, free_port, wait_gone, write_chain_model
@@ -51,6 +53,10 @@ def serve(opt_ml: Path, tmp_path: Path) -> Iterator[Serve]:
         server.close()
 
 
+def torch_mapped(process: psutil.Process) -> bool:
+    return any(f"{os.sep}torch{os.sep}" in m.path for m in process.memory_maps())
+
+
 def stream(server: Serve, max_new_tokens: int, first: threading.Event, events: list[dict]) -> None:
     body = {"inputs": "é", "parameters": {"max_new_tokens": max_new_tokens}}
     request = urllib.request.Request(
@@ -70,6 +76,9 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero(serve: Serve, opt_ml: P
     assert status == 200, body
     tree, runtime = [serve.ps, *serve.descendants()], serve.runtime_dir()
     assert len(tree) >= 4, tree  # launcher, engine, gunicorn master and worker (and the resource tracker)
+    assert (runtime / "tokenizer" / "tokenizer.json").is_file()  # the engine exported it for the workers
+    (worker,) = serve.gunicorn_master().children()
+    assert not torch_mapped(worker) and torch_mapped(serve.engine_process())  # the worker never loaded torch
 
     first, events = threading.Event(), []
     reader = threading.Thread(target=stream, args=(serve, CONTEXT - 16, first, events))

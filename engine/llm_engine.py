@@ -89,11 +89,20 @@ class LLMEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.sampler = Sampler(fused=self.runner.fused_ops)
         # Grammars are compiled on rank 0, where sampling is; the vocabulary view is built once, here.
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.masks = MaskFiller(self.grammars.mask_width, self.runner.device)
+        self.grammars, self.masks = self._grammar_support()
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
+
+    def _grammar_support(self) -> tuple[GrammarCompiler | None, MaskFiller | None]:
+        """Structured output's compiler and mask filler; (None, None) for a tokenizer llguidance cannot read (the
+        engine serves everything else; grammar requests get a 422)."""
+        try:
+            grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        except Exception as e:
+            logger.warning("structured output is unavailable for this tokenizer: %s: %s", type(e).__name__, e)
+            return None, None
+        return grammars, MaskFiller(grammars.mask_width, self.runner.device)
 
     def _start_ranks(self) -> ModelRunner:
         """Rank 0's ModelRunner; with several ranks, the other ranks' processes first (stopped on failure)."""
@@ -164,7 +173,11 @@ class LLMEngine:
         encoder_ids = None
         if self.encoder_decoder:
             encoder_ids, ids = ids, [self.decoder_start]
-        grammar = self.grammars.state(params.grammar) if params.grammar is not None else None  # ValueError: 422
+        grammar = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("grammar is not supported: the grammar engine cannot read this tokenizer")
+            grammar = self.grammars.state(params.grammar)  # GrammarError (a ValueError: 422)
         max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
         seq = Sequence(request_id, ids, max_new, params, encoder_token_ids=encoder_ids)
         self.scheduler.add(seq)  # may raise: the request could never fit in the KV cache
@@ -211,7 +224,7 @@ class LLMEngine:
         requests = [self._requests[item.seq.request_id] for item in rows]
         constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
         states = [r.grammar for r in requests if r.grammar is not None]
-        pending = self.masks.start(states) if states else None  # filled on other threads while the model runs
+        pending = self.masks.start(states) if states and self.masks else None  # filled while the model runs
         try:
             logits = self.runner.execute(batch)
         except BaseException as e:

@@ -9,6 +9,7 @@ Prints a table and writes JSON. `python -m engine.grammar.library_benchmark [--t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -125,8 +126,9 @@ FEATURES: dict[str, dict[str, Any]] = {
 }
 
 
-def _bytes_of_token(token: str) -> bytes:
-    """A byte-level BPE token string (GPT-2's printable alphabet) -> its bytes."""
+@functools.cache
+def _byte_table() -> dict[str, int]:
+    """GPT-2's printable character of each byte -> the byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, n = {}, 0
     for b in range(256):
@@ -135,6 +137,12 @@ def _bytes_of_token(token: str) -> bytes:
         else:
             table[chr(256 + n)] = b
             n += 1
+    return table
+
+
+def _bytes_of_token(token: str) -> bytes:
+    """A byte-level BPE token string -> its bytes."""
+    table = _byte_table()
     try:
         return bytes(table[c] for c in token)
     except KeyError:

@@ -24,6 +24,8 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device
 from engine.faults import RequestFault, is_device_fault
+from engine.grammar.compiler import GrammarCompiler, GrammarState
+from engine.grammar.masks import MaskFiller, PendingMasks
 from engine.model_runner import ModelRunner
 from engine.model_source import decoder_start_token_id, eos_token_ids, load_hf_config, load_tokenizer, resolve_model
 from engine.models import context_length
@@ -54,6 +56,7 @@ class _Request:
     seed: int | None
     logprobs: list[float]
     top_tokens: list[list[tuple[int, float]]]
+    grammar: GrammarState | None = None  # has consumed exactly the generated tokens
 
 
 class LLMEngine:
@@ -85,9 +88,21 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.vocab_size = self.hf_config.vocab_size
         self.sampler = Sampler(fused=self.runner.fused_ops)
+        # Grammars are compiled on rank 0, where sampling is; the vocabulary view is built once, here.
+        self.grammars, self.masks = self._grammar_support()
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
+
+    def _grammar_support(self) -> tuple[GrammarCompiler | None, MaskFiller | None]:
+        """Structured output's compiler and mask filler; (None, None) for a tokenizer llguidance cannot read (the
+        engine serves everything else; grammar requests get a 422)."""
+        try:
+            grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        except Exception as e:
+            logger.warning("structured output is unavailable for this tokenizer: %s: %s", type(e).__name__, e)
+            return None, None
+        return grammars, MaskFiller(grammars.mask_width, self.runner.device)
 
     def _start_ranks(self) -> ModelRunner:
         """Rank 0's ModelRunner; with several ranks, the other ranks' processes first (stopped on failure)."""
@@ -158,6 +173,11 @@ class LLMEngine:
         encoder_ids = None
         if self.encoder_decoder:
             encoder_ids, ids = ids, [self.decoder_start]
+        grammar = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("grammar is not supported: the grammar engine cannot read this tokenizer")
+            grammar = self.grammars.state(params.grammar)  # GrammarError (a ValueError: 422)
         max_new = min(params.max_new_tokens, self.max_model_len - len(ids))
         seq = Sequence(request_id, ids, max_new, params, encoder_token_ids=encoder_ids)
         self.scheduler.add(seq)  # may raise: the request could never fit in the KV cache
@@ -174,6 +194,7 @@ class LLMEngine:
             seed=seed,
             logprobs=[],
             top_tokens=[],
+            grammar=grammar,
         )
         return request_id
 
@@ -199,22 +220,33 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        rows = [item for item in batch.scheduled if item.sample]
+        requests = [self._requests[item.seq.request_id] for item in rows]
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        states = [r.grammar for r in requests if r.grammar is not None]
+        pending = self.masks.start(states) if states and self.masks else None  # filled while the model runs
         try:
             logits = self.runner.execute(batch)
         except BaseException as e:
+            if pending is not None:
+                pending.wait()  # no matcher may still be in use when the step is retried
             # The step's blocks were cached when it was scheduled: an error or an interrupt (Ctrl-C) midway leaves
             # their K/V unwritten, so they must not stay cached.
             self.scheduler.abandon(batch)
             if self.tp_group is not None and isinstance(e, Exception):  # a rank died or hung: the group cannot go on
                 raise self.tp_group.fail(e) from e
             raise
-        rows = [item for item in batch.scheduled if item.sample]
-        requests = [self._requests[item.seq.request_id] for item in rows]
-        sampling = [SamplingRequest(r.seq.sampling_params, _history(r.seq), r.generator) for r in requests]
-        batched = self._sample_batch(logits, sampling) if rows else []
         outputs: list[RequestOutput] = []
+        allowed, failed = self._masks(requests, constrained, pending, outputs)
+        sampling = [
+            SamplingRequest(r.seq.sampling_params, _history(r.seq), r.generator, allowed[i])
+            for i, r in enumerate(requests)
+        ]
+        batched = self._sample_batch(logits, sampling) if rows else []
         picked: dict[str, SampleOutput] = {}
         for i, req in enumerate(requests):
+            if i in failed:
+                continue
             sample = self._isolated(
                 req, outputs, lambda i=i: _checked(batched[i] if batched else self.sampler.one(logits[i], sampling[i]))
             )
@@ -229,6 +261,25 @@ class LLMEngine:
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    def _masks(
+        self,
+        requests: list[_Request],
+        constrained: list[int],
+        pending: PendingMasks | None,
+        failures: list[RequestOutput],
+    ) -> tuple[list[torch.Tensor | None], set[int]]:
+        """Each sampling row's token bitmask (None: unconstrained), and the rows whose grammar failed (their requests
+        failed alone, through `_isolated`)."""
+        allowed: list[torch.Tensor | None] = [None] * len(requests)
+        failed: set[int] = set()
+        if pending is None:
+            return allowed, failed
+        for k, i in enumerate(constrained):
+            allowed[i] = self._isolated(requests[i], failures, lambda k=k: pending.row(k))
+            if allowed[i] is None:
+                failed.add(i)
+        return allowed, failed
 
     def _sample_batch(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> list[SampleOutput] | None:
         """The batched sampler's rows; None when it raised for a reason other than the device (the caller then
@@ -275,10 +326,15 @@ class LLMEngine:
         if m.first_token_time is None:
             m.first_token_time = now
         m.last_token_time = now
+        if req.grammar is not None:
+            req.grammar.accept(sample.token_id)  # a token the mask allowed; RequestFault otherwise
         req.logprobs.append(sample.logprob)
         req.top_tokens.append(sample.top_tokens)
         new_text, stopped = req.matcher.add(req.detokenizer.add([sample.token_id]))
         reason = "stop_sequence" if stopped else token_stop_reason(seq, self.eos_token_ids, self.max_model_len)
+        grammar_done = req.grammar is not None and req.grammar.finished
+        if reason is None and grammar_done and sample.token_id in self.eos_token_ids:
+            reason = "eos_token"  # a complete grammar ends on its EOS even where EOS is otherwise ignored
         if reason is not None:
             if not stopped:
                 more, stopped = req.matcher.add(req.detokenizer.flush())

@@ -2,8 +2,10 @@
 
 Each row is processed as engine/sampler_reference.py processes it alone (its slow twin, equal token for token on the
 same seeds). A draw is argmax(probs / noise) with Exp(1) noise from the request's own generator, so a seed gives the
-same tokens alone or batched. Reported logprobs are the model's own (log-softmax of the raw logits). The parameters go
-to the device in two packed copies and the results come back in one; nothing in between waits on the device.
+same tokens alone or batched. Reported logprobs are the model's own (log-softmax of the raw logits). Rows with a
+grammar get their token bitmask applied first (engine/grammar/bitmask.py), before penalties and warpers; other rows
+never see it. The parameters go to the device in packed copies and the results come back in one; nothing in between
+waits on the device.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.grammar.bitmask import apply_token_mask
 from engine.layers import cpu_fused_ops
 from engine.sampler_reference import NON_FINITE, SamplingFault, choose, exponential_noise
 from engine.sampling_params import SamplingParams
@@ -31,10 +34,11 @@ class SamplingRequest:
     params: SamplingParams
     token_ids: list[int]  # prompt + output so far (for penalties)
     generator: torch.Generator | None = None  # set when sampling
+    allowed: torch.Tensor | None = None  # grammar rows: [W] int32 token bitmask (CPU), bit j of word i = token 32i+j
 
 
-def _plain_greedy(p: SamplingParams) -> bool:
-    return p.greedy and not p.needs_processing
+def _plain_greedy(r: SamplingRequest) -> bool:
+    return r.params.greedy and not r.params.needs_processing and r.allowed is None
 
 
 # Columns of the packed float parameters; the last four are 0/1 flags.
@@ -51,7 +55,8 @@ def _uses_typical(p: SamplingParams) -> bool:
 
 @dataclass
 class _Rows:
-    """The processed rows' parameters on the device: floats [R, 10] (columns above), top_k [R], ids [R, L]."""
+    """The processed rows' parameters on the device: floats [R, 10] (columns above), top_k [R], ids [R, L]; the
+    grammar rows' bitmasks [G, W] and their places among the R rows [G]."""
 
     index: torch.Tensor  # [R] row of each in the step's logits
     floats: torch.Tensor
@@ -59,6 +64,8 @@ class _Rows:
     ids: torch.Tensor  # token history for penalties, padded with V
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
+    masks: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
 
     def flag(self, column: int) -> torch.Tensor:
         """[R, 1] bool of a flag column."""
@@ -89,7 +96,13 @@ class _Rows:
         pinned = device.type == "cuda"
         f = torch.tensor(floats, dtype=torch.float32, pin_memory=pinned).to(device, non_blocking=True)
         n = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
-        return cls(n[:, 0], f, n[:, 1], n[:, 2:], params, [requests[i].generator for i in rows])
+        built = cls(n[:, 0], f, n[:, 1], n[:, 2:], params, [requests[i].generator for i in rows])
+        masked = [k for k, i in enumerate(rows) if requests[i].allowed is not None]
+        if masked:
+            bits = torch.stack([requests[rows[k]].allowed for k in masked])  # type: ignore[misc]
+            built.masks = bits.pin_memory().to(device, non_blocking=True) if pinned else bits
+            built.masked = torch.tensor(masked, dtype=torch.int64).to(device, non_blocking=True)
+        return built
 
 
 class Sampler:
@@ -98,12 +111,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
         """logits [N, V] (float32; bfloat16 too when fused), one row per request -> one SampleOutput each."""
-        plain = [_plain_greedy(r.params) for r in requests]
+        plain = [_plain_greedy(r) for r in requests]
         top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
-        if self.fused and logits.device.type == "cpu" and all(plain) and not top_n:
+        if self.fused and logits.device.type == "cpu" and any(plain) and not top_n:
             ids, chosen = cpu_fused_ops.greedy(logits)  # built with finite-math: NaN rows are found apart
             nan_rows = torch.isnan(logits).any(dim=-1).tolist()
-            return [SampleOutput(i, lp, [], NON_FINITE if nan else None) for i, lp, nan in zip(ids, chosen, nan_rows)]
+            outs = [SampleOutput(i, lp, [], NON_FINITE if nan else None) for i, lp, nan in zip(ids, chosen, nan_rows)]
+            rows = [i for i, p in enumerate(plain) if not p]  # e.g. grammar rows: the plain ones never pay for them
+            if rows:
+                for i, out in zip(rows, Sampler()(logits[rows], [requests[i] for i in rows])):
+                    outs[i] = out
+            return outs
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
         ids = logprobs.argmax(dim=-1)  # plain greedy rows need nothing else
@@ -136,6 +154,8 @@ class Sampler:
         """The per-row twin for one row of logits [V]; raises SamplingFault where __call__ flags the row."""
         row = logits.float()
         logprobs = torch.log_softmax(row, dim=-1)
+        if request.allowed is not None:
+            row = apply_token_mask(row[None], request.allowed[None].to(row.device))[0]
         token = choose(row, request.params, request.token_ids, request.generator)
         if math.isnan(float(logprobs[token])):
             raise SamplingFault(NON_FINITE)
@@ -157,9 +177,15 @@ class Sampler:
         return outs
 
     def _process(self, x: torch.Tensor, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Penalties, then argmax (greedy rows) or warpers and a draw -> (ids [R], failed [R], rows' index [R])."""
+        """Grammar masks, penalties, then argmax (greedy rows) or warpers and a draw -> (ids [R], failed [R], rows'
+        index [R])."""
         xs = x.index_select(0, rows.index)
         vocab, f, ps = xs.shape[1], rows.floats, rows.params
+        if rows.masks is not None and rows.masked is not None:  # xs is the step's own copy: masked in place
+            if rows.masks.shape[0] == xs.shape[0]:
+                apply_token_mask(xs, rows.masks, inplace=True)
+            else:
+                xs.index_copy_(0, rows.masked, apply_token_mask(xs.index_select(0, rows.masked), rows.masks))
         if rows.ids.shape[1]:
             xs = self._penalties(xs, rows)
         greedy = rows.flag(_GREEDY)[:, 0]

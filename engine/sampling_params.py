@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.grammar.spec import GrammarSpec
+
 # Below this temperature sampling is argmax (the limit as temperature -> 0, as vLLM does): dividing float32 logits by
 # a smaller value can overflow, and 1e-300 is 0 in float32.
 MIN_TEMPERATURE = 1e-5
@@ -32,6 +34,7 @@ class SamplingParams:
     top_n_tokens: int = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex (engine/grammar/)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -65,6 +68,8 @@ class SamplingParams:
             raise ValueError(f"`seed` must be >= 0 and < 2^64, got {self.seed!r}")
         if not isinstance(self.top_n_tokens, int) or self.top_n_tokens < 0:
             raise ValueError(f"`top_n_tokens` must be >= 0, got {self.top_n_tokens!r}")
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"`grammar` must be a GrammarSpec, got {type(self.grammar).__name__}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"`stop` sequences must be non-empty strings, got {s!r}")

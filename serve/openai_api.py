@@ -2,7 +2,7 @@
 
 n choices (and several completion prompts) run as separate engine requests admitted together;
 a stream sends each choice's chunks in turn, told apart by `index`. Finish reasons map to OpenAI's:
-eos_token and stop_sequence -> "stop", length -> "length".
+eos_token and stop_sequence -> "stop", length -> "length"; a complete tool call -> "tool_calls".
 """
 
 from __future__ import annotations
@@ -39,11 +39,16 @@ from serve.openai_protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    FunctionCall,
+    FunctionCallDelta,
     TokenLogprob,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     Usage,
 )
 from serve.streaming import guarded, sse, sse_response
+from serve.tool_calls import ToolCall, ToolStream, call_id, parse, read
 from serve.validation import OpenAIPlan
 
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -122,15 +127,11 @@ class OpenAIApi:
             streams = self._start(plan, record)
             return self._stream(self._chat_frames(streams, plan, chat_id, created), streams, record)
         results = self._run(plan, record)
-        choices = [
-            ChatChoice(
-                index=k,
-                message=AssistantMessage(content=r.generated_text),
-                logprobs=self._chat_logprobs(r.token_ids, r.logprobs, r.top_tokens) if plan.logprobs else None,
-                finish_reason=finish_reason(r.finish_reason),
-            )
-            for k, r in enumerate(results)
-        ]
+        choices = []
+        for k, r in enumerate(results):
+            message, reason = self._reply(r, plan)
+            logprobs = self._chat_logprobs(r.token_ids, r.logprobs, r.top_tokens) if plan.logprobs else None
+            choices.append(ChatChoice(index=k, message=message, logprobs=logprobs, finish_reason=reason))
         usage = self._usage(plan, sum(len(r.token_ids) for r in results))
         answer = ChatCompletion(
             id=chat_id,
@@ -142,24 +143,56 @@ class OpenAIApi:
         )
         return self._answer(answer, record, plan)
 
+    @staticmethod
+    def _reply(r: Collected, plan: OpenAIPlan) -> tuple[AssistantMessage, str]:
+        """The message and finish reason of one choice: a tool request's output is read back as a call (finish reason
+        "tool_calls" when complete) or, with "auto", a text answer."""
+        reason = finish_reason(r.finish_reason)
+        if plan.tools is None:
+            return AssistantMessage(content=r.generated_text), reason
+        answer = read(r.generated_text, complete=r.finish_reason == "eos_token")
+        if isinstance(answer, str):
+            return AssistantMessage(content=answer), reason
+        call = ToolCallOut(id=call_id(), function=FunctionCall(name=answer.name, arguments=answer.arguments))
+        if r.finish_reason == "eos_token":
+            reason = "tool_calls"
+        return AssistantMessage(content=None, tool_calls=[call]), reason
+
+    @staticmethod
+    def _tool_delta(pieces: list[tuple[str, str]]) -> ChatDelta:
+        """One chunk's delta from a ToolStream's pieces: text content, or the call's first delta / arguments."""
+        content = "".join(v for kind, v in pieces if kind == "content") or None
+        call: ToolCallDelta | None = None
+        for kind, value in pieces:
+            if kind == "call":
+                call = ToolCallDelta(index=0, id=call_id(), type="function", function=FunctionCallDelta(name=value))
+            elif kind == "arguments":
+                call = call or ToolCallDelta(index=0, function=FunctionCallDelta())
+                call.function.arguments += value
+        return ChatDelta(content=content, tool_calls=[call] if call is not None else None)
+
     def _chat_frames(
         self, streams: list[RequestStream], plan: OpenAIPlan, chat_id: str, created: int
     ) -> Iterator[bytes]:
         model, generated = self.s.config.model_id, 0
         for k, stream in enumerate(streams):
+            tools = ToolStream() if plan.tools is not None else None
             for event in stream:
                 generated += len(event.token_ids)
-                if not (event.text or event.finished or plan.logprobs):
+                reason = finish_reason(event.finish_reason) if event.finished else None
+                if tools is None:
+                    delta = ChatDelta(content=event.text)
+                else:
+                    delta = self._tool_delta(tools.add(event.text) + (tools.finish() if event.finished else []))
+                    complete = event.finished and event.finish_reason == "eos_token"
+                    if complete and isinstance(parse(tools.text), ToolCall):
+                        reason = "tool_calls"
+                if not (delta.content or delta.tool_calls or event.finished or plan.logprobs):
                     continue  # a token whose text is held back: nothing to say yet
                 logprobs = None
                 if plan.logprobs:
                     logprobs = self._chat_logprobs(event.token_ids, event.logprobs, event.top_tokens)
-                choice = ChatChunkChoice(
-                    index=k,
-                    delta=ChatDelta(content=event.text),
-                    logprobs=logprobs,
-                    finish_reason=finish_reason(event.finish_reason) if event.finished else None,
-                )
+                choice = ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=reason)
                 chunk = ChatCompletionChunk(
                     id=chat_id, created=created, model=model, system_fingerprint=self.fingerprint, choices=[choice]
                 )

@@ -26,6 +26,8 @@ class ChatMessage(Request):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="An assistant turn's calls (history)")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call it answers")
 
 
 class ChatRequest(Request):
@@ -45,9 +47,9 @@ class ChatRequest(Request):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, description="0 = greedy; unset = sampling at 1.0")
     top_p: float | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: tools are a 422")
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}")
+    tools: list[dict[str, Any]] | None = Field(None, description="Functions the model may call (constrained)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="none, auto, required, or a function")
+    response_format: dict[str, Any] | None = Field(None, description="text, json_object or json_schema")
     user: str | None = None
 
 
@@ -69,6 +71,7 @@ class CompletionRequest(Request):
     logprobs: int | None = Field(None, description="Top alternatives per token (<= max_top_n_tokens)")
     suffix: str | None = Field(None, description="Not supported: a suffix is a 422")
     best_of: int | None = Field(None, description="Not supported: > 1 is a 422")
+    response_format: dict[str, Any] | None = Field(None, description="text, json_object or json_schema")
     user: str | None = None
 
 
@@ -96,9 +99,23 @@ class ChatLogprobs(Response):
     content: list[TokenLogprob]
 
 
+class FunctionCall(Response):
+    name: str
+    arguments: str  # JSON text, valid against the function's parameters
+
+
+class ToolCallOut(Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(Response):
+    omit_if_none = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(Response):
@@ -118,9 +135,30 @@ class ChatCompletion(Response):
     usage: Usage
 
 
+class FunctionCallDelta(Response):
+    omit_if_none = ("name",)
+
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(Response):
+    """OpenAI's stream form: the first delta of a call has its id, type and name; the others add arguments."""
+
+    omit_if_none = ("id", "type")
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(Response):
+    omit_if_none = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Response):

@@ -53,7 +53,9 @@ class GenerateParameters(Request):
     decoder_input_details: bool = Field(False, description="Prefill tokens in details (logprob null)")
     seed: int | None = None
     top_n_tokens: int | None = None
-    grammar: dict[str, Any] | None = Field(None, description="Not supported: a grammar is a 422")
+    grammar: dict[str, Any] | None = Field(
+        None, description='{"type": "json" | "json_schema" | "regex", "value": ...}: constrain the output'
+    )
     adapter_id: str | None = Field(None, description="Not supported: an adapter is a 422")
 
 

@@ -7,14 +7,17 @@ max_new_tokens is max_total_tokens - input tokens (optionally capped by the conf
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from engine.grammar.spec import GrammarSpec
 from engine.sampling_params import SamplingParams
 from serve.engine_protocol import ValidationError
 from serve.openai_protocol import ChatMessage, ChatRequest, CompletionRequest
 from serve.protocol import GenerateRequest
 from serve.server_config import ServerConfig
+from serve.structured import ToolPlan, response_format_grammar, tgi_grammar, tool_plan
 
 _MAX_SEED = 2**64
 _MAX_TOP_K = 2**63  # an int64 holds it: a bigger top_k means "every token" anyway, but could overflow a tensor
@@ -44,6 +47,7 @@ class OpenAIPlan:
     top_logprobs: int
     include_usage: bool
     echo: bool = False
+    tools: ToolPlan | None = None  # chat with tools: the output is a tool call (or, with "auto", a text answer)
 
 
 def _params(**kwargs: Any) -> SamplingParams:
@@ -140,8 +144,9 @@ class Validator:
                 f"`truncate` must be strictly positive and less than {cfg.max_input_tokens}. Given: {p.truncate}"
             )
         ids, max_new = self.budget(self.encode(body.inputs), p.max_new_tokens, p.truncate)
-        if p.grammar is not None:
-            raise ValidationError("grammar is not supported")
+        grammar = tgi_grammar(p.grammar)
+        if grammar is not None and best_of > 1:
+            raise ValidationError("grammar is not supported with `best_of` > 1")
         if p.watermark:
             raise ValidationError("watermark is not supported")
         if p.adapter_id:
@@ -158,6 +163,7 @@ class Validator:
             seed=seed,
             stop=tuple(stops),
             top_n_tokens=top_n,
+            grammar=grammar,
         )
         full_text = default_return_full_text if p.return_full_text is None else p.return_full_text
         return TgiPlan(ids, params, best_of, full_text, p.details, p.decoder_input_details)
@@ -172,7 +178,9 @@ class Validator:
             raise ValidationError(f"`n` must be <= {self.config.max_client_batch_size}. Given: {n}")
         return n
 
-    def _openai_params(self, body: ChatRequest | CompletionRequest, max_new: int, top_n: int) -> SamplingParams:
+    def _openai_params(
+        self, body: ChatRequest | CompletionRequest, max_new: int, top_n: int, grammar: GrammarSpec | None = None
+    ) -> SamplingParams:
         t = body.temperature
         if t is not None and not 0.0 <= t <= 2.0:
             raise ValidationError("`temperature` must be >= 0.0 and <= 2.0")
@@ -192,6 +200,7 @@ class Validator:
             seed=self.seed(body.seed),
             stop=tuple(self.stops(body.stop)),
             top_n_tokens=top_n,
+            grammar=grammar,
         )
 
     def _check_max_tokens(self, max_tokens: int | None) -> None:
@@ -217,14 +226,19 @@ class Validator:
         message: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = [_call_for_template(c) for c in m.tool_calls]
         return message
 
-    def chat_prompt(self, body: ChatRequest) -> str:
+    def chat_prompt(self, body: ChatRequest, tools: ToolPlan | None = None) -> str:
         if not body.messages:
             raise ValidationError("`messages` cannot be empty")
         messages = [self._message(m) for m in body.messages]
+        extra = {"tools": tools.tools} if tools is not None and tools.tools else {}
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         except Exception as e:  # no template, or the template's raise_exception: the request's problem
             err = ValidationError(f"Template error: {e}")
             err.error_type = "template_error"
@@ -233,24 +247,27 @@ class Validator:
     def chat(self, body: ChatRequest) -> OpenAIPlan:
         if body.logit_bias:
             raise ValidationError("`logit_bias` is not supported")
-        if body.tools and body.tool_choice != "none":
-            raise ValidationError("tools are not supported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise ValidationError("`response_format` is not supported (no grammar support)")
+        tools = tool_plan(body.tools, body.tool_choice)
+        grammar = response_format_grammar(body.response_format)
+        if grammar is not None and tools is not None and tools.grammar is not None:
+            raise ValidationError("`response_format` cannot be combined with `tools` unless `tool_choice` is `none`")
+        if tools is not None and tools.grammar is not None:
+            grammar = tools.grammar
         n = self._choices(body.n)
         top_n = self._top_n(body.top_logprobs, "top_logprobs")
         if top_n and not body.logprobs:
             raise ValidationError("`top_logprobs` requires `logprobs` to be true")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         self._check_max_tokens(max_tokens)
-        text = self.chat_prompt(body)
+        text = self.chat_prompt(body, tools)
         ids = self.encode(text, add_special_tokens=False)
         if not ids:
             raise ValidationError("`inputs` cannot be empty")
         ids, max_new = self.budget(ids, max_tokens)
-        params = self._openai_params(body, max_new, top_n)
+        params = self._openai_params(body, max_new, top_n, grammar)
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return OpenAIPlan([ids], [text], [params], n, bool(body.logprobs), top_n, usage)
+        calls = tools if tools is not None and tools.grammar is not None else None
+        return OpenAIPlan([ids], [text], [params], n, bool(body.logprobs), top_n, usage, tools=calls)
 
     def completion(self, body: CompletionRequest) -> OpenAIPlan:
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -264,6 +281,7 @@ class Validator:
             raise ValidationError("Suffix is not supported and can be achieved by preprocessing the prompt.")
         if body.best_of is not None and body.best_of != 1:
             raise ValidationError("`best_of` is not supported for completions")
+        grammar = response_format_grammar(body.response_format)
         n = self._choices(body.n)
         top_n = self._top_n(body.logprobs, "logprobs")
         self._check_max_tokens(body.max_tokens)
@@ -272,8 +290,20 @@ class Validator:
             if not prompt:
                 raise ValidationError("`inputs` cannot be empty")
             budgets.append(self.budget(self.encode(prompt), body.max_tokens))
-        base = self._openai_params(body, budgets[0][1], top_n)
+        base = self._openai_params(body, budgets[0][1], top_n, grammar)
         params = [dataclasses.replace(base, max_new_tokens=max_new) for _, max_new in budgets]
         usage = bool(body.stream_options and body.stream_options.include_usage)
         ids = [ids for ids, _ in budgets]
         return OpenAIPlan(ids, prompts, params, n, body.logprobs is not None, top_n, usage, bool(body.echo))
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """A past tool call as chat templates read it: `function.arguments` as an object when it is JSON text."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            arguments = json.loads(function["arguments"])
+        except ValueError:
+            return call
+        return {**call, "function": {**function, "arguments": arguments}}
+    return call

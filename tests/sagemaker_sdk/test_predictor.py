@@ -63,7 +63,7 @@ def test_container_errors_carry_its_status_and_message(predictor: LLMPredictor) 
         assert (e.status, e.code, e.error_type) == (422, "ModelError", "validation")
         assert "max_new_tokens" in e.message and not e.message.startswith("{")  # the text, not the JSON body
     with pytest.raises(EndpointError) as info:
-        predictor.chat([{"role": "user", "content": "hi"}], max_tokens=N, response_format={"type": "json_object"})
+        predictor.chat([{"role": "user", "content": "hi"}], max_tokens=N, presence_penalty=0.5)
     assert info.value.status == 422 and "not supported" in info.value.message
 
 

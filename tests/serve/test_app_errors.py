@@ -42,7 +42,10 @@ TGI_422 = [
     ),
     ({"inputs": "Hi", "parameters": {"seed": -1}}, "`seed` must be >= 0 and < 2^64. Given: -1"),
     ({"inputs": "Hi", "parameters": {"watermark": True}}, "watermark is not supported"),
-    ({"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": {}}}}, "grammar is not supported"),
+    (
+        {"inputs": "Hi", "parameters": {"grammar": {"type": "regex", "value": "(a"}}},
+        'grammar is not valid: invalid regex "(a": unclosed group',
+    ),
     ({"inputs": "Hi", "parameters": {"stop": [""]}}, "`stop` sequences must be non-empty strings, got ''"),
     ({"inputs": 5}, "Failed to deserialize the JSON body into the target type: inputs: Input should be a valid string"),
     ({"parameters": {}}, "Failed to deserialize the JSON body into the target type: inputs: Field required"),

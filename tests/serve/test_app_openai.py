@@ -134,11 +134,15 @@ OPENAI_422 = [
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "`top_logprobs` requires `logprobs` to be true"),
     ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, "`presence_penalty` is not supported"),
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 1.0}}, "`logit_bias` is not supported"),
-    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools are not supported"),
     (
         "/v1/chat/completions",
-        {**CHAT, "response_format": {"type": "json_object"}},
-        "`response_format` is not supported (no grammar support)",
+        {**CHAT, "tools": [{"type": "function"}]},
+        '`tools[0]` must be {"type": "function", "function": {...}}',
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "response_format": {"type": "yaml"}},
+        "`response_format.type` must be one of `text`, `json_object`, `json_schema`. Given: 'yaml'",
     ),
     ("/v1/chat/completions", {**CHAT, "temperature": 3}, "`temperature` must be >= 0.0 and <= 2.0"),
     ("/v1/chat/completions", {**CHAT, "top_p": 0}, "`top_p` must be > 0.0 and <= 1.0"),

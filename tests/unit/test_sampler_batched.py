@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from engine.grammar.bitmask import allowed_from_bits, unpack
 from engine.sampler import NON_FINITE, Sampler, SamplingRequest
 from engine.sampler_reference import apply_warpers
 from engine.sampling_params import MIN_TEMPERATURE, SamplingParams
@@ -47,11 +48,21 @@ def requests_for(rng: random.Random, rows: int, seed: int) -> list[SamplingReque
 
 
 def regenerate(requests: list[SamplingRequest], seed: int) -> list[SamplingRequest]:
-    """The same requests with fresh generators at the same seeds."""
+    """The same requests with fresh generators at the same seeds (and the same grammar masks)."""
     return [
-        SamplingRequest(r.params, r.token_ids, torch.Generator().manual_seed(seed * 1000 + i))
+        SamplingRequest(r.params, r.token_ids, torch.Generator().manual_seed(seed * 1000 + i), r.allowed)
         for i, r in enumerate(requests)
     ]
+
+
+def random_mask(rng: random.Random, vocab: int = VOCAB) -> tuple[torch.Tensor, set[int]]:
+    """A grammar's token bitmask [ceil(V / 32)] int32 allowing a random set of 1 to V ids (the set too)."""
+    ids = set(rng.sample(range(vocab), rng.choice([1, 2, 5, vocab // 2, vocab])))
+    words = [0] * -(-vocab // 32)
+    for i in ids:
+        words[i // 32] |= 1 << (i % 32)
+    signed = [w - (1 << 32) if w >= 1 << 31 else w for w in words]  # int32 words, as llguidance writes them
+    return torch.tensor(signed, dtype=torch.int32), ids
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -178,3 +189,51 @@ def test_a_non_finite_plain_greedy_row_fails_too(fused: bool) -> None:
     out = Sampler(fused=fused)(logits, reqs)
     assert [o.error for o in out] == [None, NON_FINITE, None]
     assert Sampler().reference(logits, reqs)[1].error == NON_FINITE
+
+
+def test_unpacked_bits_are_the_bits() -> None:
+    """The batched unpacking against a bit-by-bit reading of the same words (vocab not a multiple of 32)."""
+    rng = random.Random(5)
+    masks = [random_mask(rng) for _ in range(6)]
+    allowed = unpack(torch.stack([m for m, _ in masks]), VOCAB)
+    for row, (bits, ids) in zip(allowed, masks):
+        assert sorted(torch.nonzero(row)[:, 0].tolist()) == sorted(ids) == allowed_from_bits(bits.tolist(), VOCAB)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_masked_rows_batched_equal_twin_and_stay_inside_the_mask(seed: int) -> None:
+    """Grammar rows mixed with free rows: the batched sampler equals the per-row twin token for token, a masked
+    row's token is always an allowed one, and the free rows are sampled exactly as in a batch without masks."""
+    rng = random.Random(100 + seed)
+    rows = rng.randrange(2, 10)
+    logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * rng.choice([0.5, 3.0, 30.0])
+    plain = requests_for(rng, rows, seed)
+    masks = {i: random_mask(rng) for i in range(rows) if rng.random() < 0.5}
+    masked = [
+        SamplingRequest(r.params, r.token_ids, r.generator, masks[i][0] if i in masks else None)
+        for i, r in enumerate(plain)
+    ]
+    batched = Sampler()(logits, masked)
+    fused = Sampler(fused=True)(logits, regenerate(masked, seed))  # plain rows fused, the others batched
+    twin = Sampler().reference(logits, regenerate(masked, seed))
+    unmasked = Sampler()(logits, regenerate(plain, seed))
+    assert [(o.token_id, o.error) for o in fused] == [(o.token_id, o.error) for o in batched]
+    for i, (b, t, u) in enumerate(zip(batched, twin, unmasked)):
+        assert b.error == t.error
+        assert b.token_id == t.token_id
+        assert b.logprob == pytest.approx(t.logprob, abs=1e-6)
+        if i in masks:
+            assert b.error is not None or b.token_id in masks[i][1]
+            assert b.logprob == pytest.approx(torch.log_softmax(logits[i], -1)[b.token_id].item(), abs=1e-6)
+        else:
+            assert (b.token_id, b.error) == (u.token_id, u.error)
+
+
+def test_a_plain_greedy_row_with_a_mask_takes_the_best_allowed_token() -> None:
+    logits = torch.arange(VOCAB, dtype=torch.float32).repeat(2, 1)  # the last id is the best
+    bits, _ = random_mask(random.Random(0))
+    bits.zero_()
+    bits[0] = 0b1010  # ids 1 and 3 only
+    reqs = [SamplingRequest(SamplingParams(), [], None, bits), SamplingRequest(SamplingParams(), [], None)]
+    assert [o.token_id for o in Sampler()(logits, reqs)] == [3, VOCAB - 1]
+    assert [o.token_id for o in Sampler(fused=True)(logits, reqs)] == [3, VOCAB - 1]

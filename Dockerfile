@@ -4,7 +4,7 @@
 #   docker build -t sagemaker-llm-server:gpu --build-arg FLASH_ATTN=1 .  the same plus flash-attn (a long build)
 #   docker build -t sagemaker-llm-server:cpu --build-arg VARIANT=cpu .   slim Python, CPU torch (local testing)
 # torch's version comes from constraints.txt. For the GPU variant CUDA_VERSION and TORCH_INDEX_URL must name the same
-# CUDA release, one that torch publishes wheels for (README, "The container image"). hadolint: DL3008 (apt version
+# CUDA release, one that torch publishes wheels for (docs/deployment.md, "The container image"). hadolint: DL3008 (apt version
 # pins) is waived, the base images' distributions move under any pin; DL3006 is waived for `FROM base-${VARIANT}`,
 # a stage of this file, not an image to tag.
 ARG VARIANT=gpu

@@ -1,5 +1,5 @@
 """Shared set-up for the HTTP tests (test_app_*.py): one tiny random llama with a chat template, one
-LLMEngine behind one LocalEngineClient for the whole session, and flask apps built over it with the workers'
+LLMEngine behind one InProcessEngineClient for the whole session, and flask apps built over it with the workers'
 tokenizer (exported as the engine process exports it); transformers' tokenizer stays as the tests' oracle.
 
 The expensive part is memoised here (built once per session); conftest.py exposes it as fixtures.
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from serve.app import create_app
-from serve.local_client import LocalEngineClient
+from serve.inprocess_client import InProcessEngineClient
 from serve.server_config import ServerConfig
 from serve.tokenizer import WorkerTokenizer
 from serve.tokenizer_export import export_tokenizer
@@ -47,7 +47,7 @@ class BufferedClient(FlaskClient):
 class Served:
     path: Path
     engine: LLMEngine
-    client: LocalEngineClient
+    client: InProcessEngineClient
     tokenizer: PreTrainedTokenizerFast  # transformers': the oracle
     config: ServerConfig
     exported: Path  # the workers' tokenizer, as the engine process exports it
@@ -65,7 +65,7 @@ class Served:
         """A failed step stops the engine loop, as it ends the engine process in production: the next test gets a
         new loop over the same engine."""
         if not self.client.running:
-            self.client = LocalEngineClient(self.engine, max_concurrent_requests=16, model_id="tiny-llama").start()
+            self.client = InProcessEngineClient(self.engine, max_concurrent_requests=16, model_id="tiny-llama").start()
         deadline = time.monotonic() + 10
         while self.client.stats() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -102,7 +102,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
         torch.set_num_threads(1)
         path = build_model(tmp_path_factory.mktemp("serve_model"))
         engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_batch_total_tokens=4096, num_threads=1))
-        client = LocalEngineClient(engine, max_concurrent_requests=16, model_id="tiny-llama").start()
+        client = InProcessEngineClient(engine, max_concurrent_requests=16, model_id="tiny-llama").start()
         config = ServerConfig.from_model_info(
             client.model_info(), max_input_tokens=MAX_INPUT_TOKENS, max_total_tokens=MAX_TOTAL_TOKENS
         )

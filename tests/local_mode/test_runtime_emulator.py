@@ -20,8 +20,8 @@ from botocore.parsers import EventStreamJSONParser
 
 from local_mode.event_stream import model_stream_error, payload_part
 from local_mode.runtime_emulator import RuntimeEmulator
-from tests.serve._process import Serve, base_env, free_port, running_serve, write_chain_model
-from tests.serve.app_support import build_model
+from tests.support.serve_process import Serve, base_env, free_port, running_serve, write_chain_model
+from tests.support.served_app import build_model
 
 ENDPOINT = "tiny-llm"
 PROMPT = "The quick brown fox"

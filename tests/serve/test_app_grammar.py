@@ -13,7 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from serve.openai_protocol import ChatRequest
-from tests.serve.app_support import CHAT, Served, error, sse_events
+from tests.support.served_app import CHAT, Served, error, sse_events
 
 PERSON = {
     "type": "object",

@@ -17,7 +17,7 @@ from serve.app import create_app
 from serve.engine_protocol import EngineClient, EngineRequest, EngineStats, ModelInfo, TokenEvent, UnavailableError
 from serve.openapi import ROUTES
 from serve.server_config import ServerConfig
-from tests.serve.app_support import MAX_INPUT_TOKENS, Served
+from tests.support.served_app import MAX_INPUT_TOKENS, Served
 
 INFO = ModelInfo("stub", "torch.float32", "cpu", 10, 20, 100, 50, 4, [1])
 

@@ -30,7 +30,7 @@ from serve.engine_protocol import (
 from serve.engine_server import EngineProcessConfig, EngineServer
 from serve.ipc import Addresses, EngineFacts
 from serve.zmq_client import ZmqEngineClient
-from tests.serve._process import write_chain_model
+from tests.support.serve_process import write_chain_model
 
 INFO = ModelInfo("chain", "float32", "cpu", 100, 200, 1000, 100, 2, [1])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.serve._process import Serve, base_env, free_port, wait_gone, write_chain_model
+from tests.support.serve_process import Serve, base_env, free_port, wait_gone, write_chain_model
 
 CONTEXT = 4096  # long streams: the chain model never stops before max_new_tokens
 

@@ -2,7 +2,7 @@
 LLMEngine behind one InProcessEngineClient for the whole session, and flask apps built over it with the workers'
 tokenizer (exported as the engine process exports it); transformers' tokenizer stays as the tests' oracle.
 
-The expensive part is memoised here (built once per session); conftest.py exposes it as fixtures.
+The expensive part is memoised here (built once per session); tests/serve/conftest.py exposes it as fixtures.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from serve.inprocess_client import InProcessEngineClient
 from serve.server_config import ServerConfig
 from serve.tokenizer import WorkerTokenizer
 from serve.tokenizer_export import export_tokenizer
-from tests.engine.conftest import TinyModels
+from tests.support.tiny_models import TinyModels
 
 CHAT_TEMPLATE = (
     "{% if tools %}<|tools|>{% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n{% endif %}"

@@ -7,7 +7,6 @@ The expensive part is memoised here (built once per session); tests/serve/confte
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,18 +112,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     s = _SERVED[0]
     s.ensure_running()
     return s
-
-
-def sse_events(body: bytes) -> list[Any]:
-    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" kept as a string)."""
-    events = []
-    for frame in body.decode().split("\n\n"):
-        if not frame:
-            continue
-        assert frame.startswith("data:"), frame
-        data = frame[len("data:") :].strip()
-        events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}

@@ -20,14 +20,16 @@ from flask import Flask, Response, g, jsonify, request
 from serve.body import parse_json, read_body
 from serve.engine_protocol import EngineClient, ModelInfo, UnavailableError, ValidationError
 from serve.errors import HttpError, classify
-from serve.generation import Services, TokenDecoder
-from serve.metrics import CONTENT_TYPE, Metrics, RequestRecord, ensure_access_log_handler
+from serve.metrics import CONTENT_TYPE, Metrics, ensure_access_log_handler
 from serve.openai_api import OpenAIApi
 from serve.openai_protocol import ChatRequest, CompletionRequest, ModelCard, ModelList
 from serve.openapi import build_openapi
-from serve.protocol import GenerateRequest, Info, SimpleToken, TokenizeRequest
+from serve.request_record import RequestRecord
 from serve.server_config import ServerConfig
+from serve.services import Services
 from serve.tgi_api import TgiApi
+from serve.tgi_protocol import GenerateRequest, Info, SimpleToken, TokenizeRequest
+from serve.token_decoder import TokenDecoder
 from serve.validation import Validator
 
 OPEN_ENDPOINTS = frozenset({"ping", "health", "metrics", "info", "models", "openapi"})  # never behind the API key

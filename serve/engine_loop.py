@@ -1,6 +1,6 @@
 """The one engine loop: admission (the concurrency limit, draining), add and abort, the step, delivery of each
 request's events and failures, and the stats snapshot. Two thin transports drive it: the zmq EngineServer in the
-engine process (production) and the in-process LocalEngineClient (tests, offline use). Single-threaded: only the
+engine process (production) and the in-process InProcessEngineClient (tests, offline use). Single-threaded: only the
 thread that calls `step()` touches the engine.
 """
 
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from serve.engine_protocol import (
     EngineError,
+    EngineRequest,
     EngineStats,
-    GenerateRequest,
     GenerationError,
     OverloadedError,
     TokenEvent,
@@ -38,7 +38,7 @@ class EngineFailed(RuntimeError):
 
 @dataclass
 class _InFlight:
-    request: GenerateRequest
+    request: EngineRequest
     added_wall: float  # time.time() at add_request
 
 
@@ -51,7 +51,7 @@ class EngineLoop:
 
     # ---- requests in ------------------------------------------------------------------------
 
-    def submit(self, key: Key, request: GenerateRequest) -> bool:
+    def submit(self, key: Key, request: EngineRequest) -> bool:
         """Admit and add a request; a refusal is delivered (503 draining, 429 overloaded, 422 invalid)."""
         if self.draining:
             self.deliver(key, UnavailableError("the server is shutting down"))

@@ -41,7 +41,7 @@ class GenerationError(EngineError):
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
+class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -99,7 +99,7 @@ class EngineClient(abc.ABC):
     """How the flask app reaches the engine. Thread-safe: many request threads share one client."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         """Submit and iterate the request's events until the finished one.
 
         Admission errors (OverloadedError, UnavailableError, ValidationError) raise from the first

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from serve.engine_protocol import (
     EngineError,
-    GenerateRequest,
+    EngineRequest,
     GenerationError,
     ModelInfo,
     OverloadedError,
@@ -63,7 +63,7 @@ class Addresses:
 @dataclass(frozen=True)
 class Submit:
     tag: int  # unique per worker connection; events come back under it
-    request: GenerateRequest
+    request: EngineRequest
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class Handover:
         return self._serving
 
 
-def token_event(request: GenerateRequest, added_wall: float, out: RequestOutput) -> TokenEvent:
+def token_event(request: EngineRequest, added_wall: float, out: RequestOutput) -> TokenEvent:
     """The TokenEvent for one RequestOutput; the final one carries timings from the HTTP arrival (seconds)."""
     timings: dict[str, float] = {}
     m = out.metrics

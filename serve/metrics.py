@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -19,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from serve.engine_protocol import EngineClient
+from serve.request_record import RequestRecord
 
 access_logger = logging.getLogger("serve.access")
 
@@ -75,41 +74,6 @@ class StatsCollector(Collector):
             "Running requests preempted when the KV cache ran out (their tokens are recomputed, never lost)",
             value=float(s.preemptions if s else 0),
         )
-
-
-@dataclass
-class RequestRecord:
-    """What one HTTP request did, for its metrics and its access-log line."""
-
-    request_id: str
-    route: str
-    method: str
-    arrival: float = field(default_factory=time.time)  # wall clock, as GenerateRequest.arrival_time
-    start: float = field(default_factory=time.perf_counter)
-    generation: bool = False
-    validated: float | None = None  # perf_counter when validation finished
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    max_new_tokens: int | None = None
-    finish_reason: str | None = None
-    queue_s: float | None = None
-    ttft_s: float | None = None
-    inference_s: float | None = None
-    inter_token_s: list[float] = field(default_factory=list)
-    status: int = 200
-    error_type: str | None = None
-    stream: bool = False
-    prompt: str | None = None  # only when config.log_prompts
-    custom_attributes: bool = False
-    done: bool = False
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.start
-
-    @property
-    def validation_s(self) -> float:
-        return (self.validated or self.start) - self.start
 
 
 class Metrics:

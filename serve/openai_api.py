@@ -14,18 +14,6 @@ from collections.abc import Iterator
 from flask import Response, jsonify
 
 from engine.sampling_params import SamplingParams
-from serve.generation import (
-    Collected,
-    RequestStream,
-    Services,
-    close_all,
-    collect,
-    guarded_stream_error,
-    open_all,
-    stream_closer,
-    timing_headers,
-)
-from serve.metrics import RequestRecord
 from serve.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,6 +35,17 @@ from serve.openai_protocol import (
     TopLogprob,
     Usage,
 )
+from serve.request_record import RequestRecord, timing_headers
+from serve.request_stream import (
+    Collected,
+    RequestStream,
+    close_all,
+    collect,
+    guarded_stream_error,
+    open_all,
+    stream_closer,
+)
+from serve.services import Services
 from serve.streaming import guarded, sse, sse_response
 from serve.tool_calls import ToolCall, ToolStream, call_id, parse, read
 from serve.validation import OpenAIPlan

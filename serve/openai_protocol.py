@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from serve.protocol import Request, Response
+from serve.tgi_protocol import Request, Response
 
 
 class StreamOptions(Request):

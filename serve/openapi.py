@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from serve.openai_protocol import ChatCompletion, ChatCompletionChunk, ChatRequest, Completion, CompletionRequest
 from serve.openai_protocol import ModelList as ModelListResponse
-from serve.protocol import (
+from serve.tgi_protocol import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,

@@ -11,20 +11,20 @@ from collections.abc import Iterator
 
 from flask import Response, jsonify
 
-from serve.generation import (
+from serve.request_record import RequestRecord, timing_headers
+from serve.request_stream import (
     Collected,
     RequestStream,
-    Services,
     close_all,
     collect,
     guarded_stream_error,
     open_all,
     stream_closer,
-    timing_headers,
     token_texts,
 )
-from serve.metrics import RequestRecord
-from serve.protocol import (
+from serve.services import Services
+from serve.streaming import guarded, sse, sse_response
+from serve.tgi_protocol import (
     BestOfSequence,
     Details,
     GenerateRequest,
@@ -34,7 +34,6 @@ from serve.protocol import (
     StreamResponse,
     Token,
 )
-from serve.streaming import guarded, sse, sse_response
 from serve.validation import TgiPlan
 
 

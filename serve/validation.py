@@ -15,9 +15,9 @@ from engine.grammar.spec import GrammarSpec
 from engine.sampling_params import SamplingParams
 from serve.engine_protocol import ValidationError
 from serve.openai_protocol import ChatMessage, ChatRequest, CompletionRequest
-from serve.protocol import GenerateRequest
 from serve.server_config import ServerConfig
 from serve.structured import ToolPlan, response_format_grammar, tgi_grammar, tool_plan
+from serve.tgi_protocol import GenerateRequest
 
 _MAX_SEED = 2**64
 _MAX_TOP_K = 2**63  # an int64 holds it: a bigger top_k means "every token" anyway, but could overflow a tensor

@@ -22,8 +22,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from serve.engine_protocol import (
     EngineClient,
+    EngineRequest,
     EngineStats,
-    GenerateRequest,
     GenerationError,
     ModelInfo,
     TokenEvent,
@@ -55,7 +55,7 @@ class ZmqEngineClient(EngineClient):
 
     # ---- EngineClient -----------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         return self._generate(request)  # a generator: nothing is sent before the first next()
 
     def stats(self) -> EngineStats | None:
@@ -108,7 +108,7 @@ class ZmqEngineClient(EngineClient):
 
     # ---- request side -----------------------------------------------------------------------
 
-    def _generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def _generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         self.start()
         stats = self.stats()
         if stats is None or not stats.ready:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from serve.app import create_app
-from serve.engine_protocol import EngineClient, EngineStats, GenerateRequest, ModelInfo, TokenEvent, UnavailableError
+from serve.engine_protocol import EngineClient, EngineRequest, EngineStats, ModelInfo, TokenEvent, UnavailableError
 from serve.server_config import ServerConfig
 
 INFO = ModelInfo("stub", "torch.bfloat16", "cuda", 10, 20, 100, 50, 4, [1])
@@ -23,7 +23,7 @@ class StubClient(EngineClient):
     def __init__(self, stats: EngineStats | None) -> None:
         self._stats = stats
 
-    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         raise UnavailableError("the engine is not available")
         yield  # pragma: no cover
 

@@ -5,7 +5,8 @@ are reported as such.
 
 from __future__ import annotations
 
-from .conftest import Engines, Oracle, greedy, random_prompt, run_to_completion
+from tests.support.oracle import Engines, Oracle, run_to_completion
+from tests.support.tiny_models import greedy, random_prompt
 
 
 def test_abort_frees_kv_blocks(engines: Engines, oracle: Oracle) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from engine import LLM, RequestOutput
 from engine.layers import cpu_gemm
-
-from .conftest import Engines, TinyModels, TinySpec, greedy, random_prompt
+from tests.support.oracle import Engines
+from tests.support.tiny_models import TinyModels, TinySpec, greedy, random_prompt
 
 MODEL = "llama_gqa_soft"
 LENGTHS = (1, 5, 16, 17, 40, 64, 97, 120)

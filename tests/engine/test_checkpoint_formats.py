@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from engine import LLM, SamplingParams
-from tests.engine.conftest import BOS_ID, EOS_ID, PAD_ID, TinyModels, random_prompt
+from tests.support.tiny_models import TinyModels, random_prompt
+from tests.support.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 PROMPTS = [random_prompt(n, seed=n) for n in (3, 17, 40)]
 

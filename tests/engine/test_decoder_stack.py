@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, RequestOutput
-
-from .conftest import Engines, TinyModels, TinySpec, greedy, random_prompt
+from tests.support.oracle import Engines
+from tests.support.tiny_models import TinyModels, TinySpec, greedy, random_prompt
 
 SPECS = {
     "stack_llama": TinySpec(arch="llama", seed=2, initializer_range=0.1),

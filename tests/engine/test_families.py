@@ -11,9 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from engine import LLM
+from tests.support.family_models import FAMILY_SPECS
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import TinyModels, greedy, random_prompt
 
-from .conftest import Engines, Oracle, TinyModels, greedy, random_prompt
-from .family_models import FAMILY_SPECS
 from .test_greedy import _check_staggered
 
 DECODER_ONLY = [name for name, spec in FAMILY_SPECS.items() if not spec.seq2seq]

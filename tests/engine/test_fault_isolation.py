@@ -11,8 +11,8 @@ import torch
 from engine import SamplingParams
 from engine.faults import is_device_fault
 from engine.sampler import NON_FINITE, Sampler
-
-from .conftest import Engines, Oracle, greedy, random_prompt, run_to_completion
+from tests.support.oracle import Engines, Oracle, run_to_completion
+from tests.support.tiny_models import greedy, random_prompt
 
 MODEL = "llama_gqa"
 

@@ -10,7 +10,8 @@ import json
 import pytest
 from safetensors import safe_open
 
-from .conftest import BOS_ID, EOS_ID, VOCAB_SIZE, TinyModels
+from tests.support.tiny_models import TinyModels
+from tests.support.tiny_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
 
 EXPECTED = {
     "llama_gqa": ("LlamaForCausalLM", 4, 2, False),

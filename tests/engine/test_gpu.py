@@ -11,8 +11,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.plan import flash_attn_available
-
-from .conftest import Engines, Oracle, greedy, random_prompt, run_to_completion
+from tests.support.oracle import Engines, Oracle, run_to_completion
+from tests.support.tiny_models import greedy, random_prompt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -17,8 +17,9 @@ import pytest
 
 from engine import SamplingParams
 from engine.grammar.spec import GrammarError, GrammarSpec
-
-from .conftest import EOS_ID, Engines, greedy, random_prompt, run_to_completion
+from tests.support.oracle import Engines, run_to_completion
+from tests.support.tiny_models import greedy, random_prompt
+from tests.support.tiny_tokenizer import EOS_ID
 
 MODEL = "llama_gqa"
 SCHEMA = {

@@ -10,8 +10,9 @@ from collections.abc import Iterable
 import pytest
 
 from engine import LLM, RequestOutput
-
-from .conftest import EOS_ID, ORACLE_CONFIGS, Engines, Oracle, greedy, random_prompt, run_to_completion
+from tests.support.oracle import Engines, Oracle, run_to_completion
+from tests.support.tiny_models import ORACLE_CONFIGS, greedy, random_prompt
+from tests.support.tiny_tokenizer import EOS_ID
 
 PROMPT_LENGTHS = (1, 5, 16, 17, 40, 64, 97, 120)  # around block (16) and chunk (32) boundaries
 MAX_NEW = (24, 17, 24, 9, 24, 31, 16, 24)

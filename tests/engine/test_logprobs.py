@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine import SamplingParams
-
-from .conftest import ORACLE_CONFIGS, Engines, Oracle, greedy, random_prompt
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import ORACLE_CONFIGS, greedy, random_prompt
 
 TOL = 1e-4
 

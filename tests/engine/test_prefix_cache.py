@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM
-
-from .conftest import ORACLE_CONFIGS, Oracle, TinyModels, greedy, random_prompt
+from tests.support.oracle import Oracle
+from tests.support.tiny_models import ORACLE_CONFIGS, TinyModels, greedy, random_prompt
 
 BLOCK = 8
 PREFIX = random_prompt(37, seed=5)  # 4 full blocks of 8, then 5 tokens into the fifth

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 
 from engine import RequestOutput, SamplingParams
-
-from .conftest import ORACLE_CONFIGS, Engines, Oracle, greedy, random_prompt
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import ORACLE_CONFIGS, greedy, random_prompt
 
 
 @dataclass

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import EOS_ID, PAD_ID, Engines, Oracle, greedy, random_prompt
-from .family_models import ROPE_SCALINGS
+from tests.support.family_models import ROPE_SCALINGS
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import greedy, random_prompt
+from tests.support.tiny_tokenizer import EOS_ID, PAD_ID
 
 ORIGINAL = 32
 PROMPTS = [random_prompt(n, seed=300 + n) for n in (5, 17, 31, 24)]  # shorter than the original context

@@ -17,8 +17,8 @@ from transformers.generation.logits_process import (
 )
 
 from engine import SamplingParams
-
-from .conftest import ORACLE_CONFIGS, Engines, Oracle, greedy, random_prompt
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import ORACLE_CONFIGS, greedy, random_prompt
 
 PROMPT = random_prompt(12, seed=500)
 

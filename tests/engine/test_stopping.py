@@ -14,21 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from engine import LLM, RequestOutput, SamplingParams
-
-from .conftest import (
-    CHAIN_BYTES,
-    CHAIN_TEXT,
-    EOS_ID,
-    MAX_POSITIONS,
-    PAD_ID,
-    Engines,
-    Oracle,
-    TinyModels,
-    byte_token_id,
-    greedy,
-    random_prompt,
-    run_to_completion,
-)
+from tests.support.oracle import Engines, Oracle, run_to_completion
+from tests.support.tiny_models import CHAIN_BYTES, CHAIN_TEXT, MAX_POSITIONS, TinyModels, greedy, random_prompt
+from tests.support.tiny_tokenizer import EOS_ID, PAD_ID, byte_token_id
 
 
 def _stream(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[str], RequestOutput]:

@@ -7,17 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import (
-    CHAIN_BYTES,
-    CHAIN_TEXT,
-    ORACLE_CONFIGS,
-    Engines,
-    Oracle,
-    byte_token_id,
-    greedy,
-    random_prompt,
-    run_to_completion,
-)
+from tests.support.oracle import Engines, Oracle, run_to_completion
+from tests.support.tiny_models import CHAIN_BYTES, CHAIN_TEXT, ORACLE_CONFIGS, greedy, random_prompt
+from tests.support.tiny_tokenizer import byte_token_id
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,9 @@ from engine.loader import iter_weights
 from engine.model_source import load_hf_config, resolve_model
 from engine.parallel_config import ParallelConfigError, valid_degrees
 from engine.weight_slice import TensorSlice
-from tests.engine.conftest import SPECS, Engines, Oracle, TinyModels, TinySpec, greedy, random_prompt
-from tests.serve._process import wait_gone
+from tests.support.oracle import Engines, Oracle
+from tests.support.serve_process import wait_gone
+from tests.support.tiny_models import SPECS, TinyModels, TinySpec, greedy, random_prompt
 
 TP_SPECS = {
     "llama_gqa": SPECS["llama_gqa"],  # 4 heads, 2 KV heads: 2 + 1 per rank

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import Engines, Oracle, greedy, random_prompt
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import greedy, random_prompt
 
 pytest.importorskip("triton")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
-
-from .conftest import MAX_POSITIONS, Engines, Oracle, TinyModels, greedy, random_prompt
+from tests.support.oracle import Engines, Oracle
+from tests.support.tiny_models import MAX_POSITIONS, TinyModels, greedy, random_prompt
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from local_mode.server import SAMPLE_PAYLOAD
-from tests.serve._process import ROOT
+from tests.support.serve_process import ROOT
 
 PROMPT = "The quick brown fox"
 N = 12

@@ -13,7 +13,7 @@ import yaml
 
 from local_mode.docker_server import DockerSpec, docker_run_command, gpus_available
 from local_mode.run import _masked, main
-from tests.serve._process import ROOT
+from tests.support.serve_process import ROOT
 
 IMAGE = "sagemaker-llm-server:cpu"
 

@@ -20,8 +20,8 @@ import pytest
 
 from engine import LLM
 from tests.local_mode._runner import SMALL, TGI_PAYLOAD, env_args, reference_llm, run_runner, tgi_reference
-from tests.serve._process import ROOT, base_env, free_port
-from tests.serve.app_support import build_model
+from tests.support.serve_process import ROOT, base_env, free_port
+from tests.support.served_app import build_model
 
 DOCKER = os.environ.get("DOCKER", "docker")
 TAG = "sagemaker-llm-server:cpu-test"

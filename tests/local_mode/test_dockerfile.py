@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.serve._process import ROOT
+from tests.support.serve_process import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -26,8 +26,8 @@ from tests.local_mode._runner import (
     run_runner,
     tgi_reference,
 )
-from tests.serve._process import ROOT, base_env, free_port
-from tests.serve.app_support import build_model
+from tests.support.serve_process import ROOT, base_env, free_port
+from tests.support.served_app import build_model
 
 
 @pytest.fixture(scope="module")

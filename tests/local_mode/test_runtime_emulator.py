@@ -20,8 +20,9 @@ from botocore.parsers import EventStreamJSONParser
 
 from local_mode.event_stream import model_stream_error, payload_part
 from local_mode.runtime_emulator import RuntimeEmulator
-from tests.serve._process import Serve, base_env, free_port, running_serve, write_chain_model
-from tests.serve.app_support import build_model
+from tests.support.serve_process import Serve, base_env, free_port, running_serve, write_chain_model
+from tests.support.served_app import build_model
+from tests.support.sse import sse_events
 
 ENDPOINT = "tiny-llm"
 PROMPT = "The quick brown fox"
@@ -56,11 +57,6 @@ def _invoke(runtime, body: dict) -> dict:  # noqa: ANN001
     return json.loads(r["Body"].read())
 
 
-def _sse(data: bytes) -> list[dict]:
-    events = [e.strip() for e in data.decode().split("\n\n") if e.strip()]
-    return [json.loads(e.removeprefix("data:")) for e in events]
-
-
 # ---- against the real container ----------------------------------------------------------------
 
 
@@ -82,7 +78,7 @@ def test_stream_joins_to_the_greedy_answer(runtime) -> None:  # noqa: ANN001
     assert r["ContentType"].startswith("text/event-stream") and r["InvokedProductionVariant"] == "AllTraffic"
     parts = [event["PayloadPart"]["Bytes"] for event in r["Body"]]
     assert parts and all(isinstance(p, bytes) for p in parts)
-    events = _sse(b"".join(parts))
+    events = sse_events(b"".join(parts))
     assert "".join(e["token"]["text"] for e in events) == expected == events[-1]["generated_text"]
     assert len(events) == N
 
@@ -227,7 +223,7 @@ def test_real_engine_kill_mid_stream_passes_the_sse_error_through(tmp_path: Path
                 parts.append(event["PayloadPart"]["Bytes"])
                 if len(parts) == 3:
                     s.engine_process().kill()
-        events = _sse(b"".join(parts))
+        events = sse_events(b"".join(parts))
         assert 3 <= len(events) < 2000 and events[-1]["error_type"] == "generation"
         assert s.wait_exit(30) == 1
     finally:

@@ -16,9 +16,9 @@ from engine import LLM
 from engine.quant import bnb
 from engine.quant.int_weight import default_group_size
 from engine.quant.int_weight import quantize as rtn
-from tests.engine.conftest import greedy, random_prompt
 from tests.quant.checkpoints import is_linear
-from tests.quant.conftest import QuantModels
+from tests.quant.quant_models import QuantModels
+from tests.support.tiny_models import greedy, random_prompt
 
 PROMPTS = [random_prompt(n, seed) for n, seed in [(4, 31), (19, 32), (41, 33)]]
 NEW = 10

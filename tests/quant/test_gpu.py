@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from engine import LLM
 from engine.quant import cpu_kernel
 from engine.quant.int_weight import quantize
-from tests.engine.conftest import greedy
-from tests.quant.conftest import QuantModels
+from tests.quant.quant_models import QuantModels
 from tests.quant.test_engine import CONFIG, NEW, PROMPTS, _model, _ref_log_probs, _reference
+from tests.support.tiny_models import greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

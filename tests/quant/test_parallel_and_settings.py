@@ -14,9 +14,9 @@ import pytest
 from engine import LLM
 from engine.parallel_config import ParallelConfigError
 from engine.quant.config import QuantizationError
-from tests.engine.conftest import greedy, random_prompt
-from tests.quant.conftest import QuantModels
-from tests.serve._process import base_env, run_serve
+from tests.quant.quant_models import QuantModels
+from tests.support.serve_process import base_env, run_serve
+from tests.support.tiny_models import greedy, random_prompt
 
 PROMPTS = [random_prompt(n, seed) for n, seed in [(5, 41), (30, 42)]]
 CONFIG = dict(dtype="float32", max_batch_total_tokens=4096)
@@ -105,7 +105,7 @@ def test_serve_reports_the_quantization_in_info_and_the_log(quant_models: QuantM
     """A GPTQ checkpoint served with nothing set: /info names the method and kernel; the log the bytes."""
     import urllib.request
 
-    from tests.serve._process import Serve, free_port
+    from tests.support.serve_process import Serve, free_port
 
     env = base_env(SM_OPT_ML_DIR=str(tmp_path), HF_MODEL_ID=str(quant_models("gptq")), DTYPE="bfloat16",
                    SAGEMAKER_BIND_TO_PORT=str(free_port()), SERVE_WORKERS="1", CLOUDWATCH_METRICS="false")  # fmt: skip

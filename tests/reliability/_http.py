@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.support.sse import sse_events
+
 POST_ROUTES = ("/invocations", "/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions",
                "/tokenize")  # fmt: skip
 
@@ -29,12 +31,7 @@ class Reply:
 
     def events(self) -> list[Any]:
         """The `data:` payloads of an SSE body ("[DONE]" kept as a string)."""
-        out = []
-        for line in self.body.decode().splitlines():
-            if line.startswith("data:"):
-                data = line[5:].strip()
-                out.append(data if data == "[DONE]" else json.loads(data))
-        return out
+        return sse_events(self.body)
 
 
 def request(

@@ -11,20 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.conftest import TinyModels
-from tests.serve._process import Serve, running_serve
-
-PAYLOAD_LIMIT = 64 * 1024
-MAX_CONCURRENT = 6
-KV_TOKENS = 1024  # 32 CPU blocks of 32 tokens: six 400-token streams cannot all fit
-SHARED = dict(
-    MAX_TOTAL_TOKENS="512",
-    MAX_BATCH_TOTAL_TOKENS=str(KV_TOKENS),
-    MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT),
-    PAYLOAD_LIMIT=str(PAYLOAD_LIMIT),
-    SERVE_WORKERS="2",
-    SERVE_THREADS="8",  # fewer threads than the overload tests' connections: health checks must not queue
-)
+from tests.reliability.limits import SHARED
+from tests.support.serve_process import Serve, running_serve
+from tests.support.tiny_models import TinyModels
 
 
 @pytest.fixture(scope="session")

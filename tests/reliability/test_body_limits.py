@@ -11,8 +11,8 @@ import json
 import pytest
 
 from tests.reliability._http import POST_ROUTES, error_body, head, raw, request
-from tests.reliability.conftest import PAYLOAD_LIMIT
-from tests.serve._process import Serve
+from tests.reliability.limits import PAYLOAD_LIMIT
+from tests.support.serve_process import Serve
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

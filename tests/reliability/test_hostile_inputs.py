@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.reliability._http import Reply, error_body, post_json, request
-from tests.serve._process import Serve
+from tests.support.serve_process import Serve
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

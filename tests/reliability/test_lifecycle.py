@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability._http import Probe, Reply, error_body, post_json, request, summary
-from tests.serve._process import Serve, base_env, free_port, wait_gone, write_chain_model
+from tests.support.serve_process import Serve, base_env, free_port, wait_gone, write_chain_model
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tests.reliability._http import Probe, Reply, error_body, post_json, request, summary
-from tests.reliability.conftest import KV_TOKENS, MAX_CONCURRENT, SHARED
-from tests.serve._process import Serve
+from tests.reliability.limits import KV_TOKENS, MAX_CONCURRENT, SHARED
+from tests.support.serve_process import Serve
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.reliability._http import Reply, error_body, post_json, request
-from tests.serve._process import Serve, running_serve
+from tests.support.serve_process import Serve, running_serve
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -19,7 +19,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.serve.app_support import Served, served
+from tests.support.served_app import Served, served
 
 pytestmark = pytest.mark.reliability
 

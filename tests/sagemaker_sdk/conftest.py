@@ -5,7 +5,6 @@ control plane, and a real `serve` behind the local runtime emulator for invocati
 
 from __future__ import annotations
 
-import json
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -18,13 +17,10 @@ from moto.server import ThreadedMotoServer
 
 from local_mode.runtime_emulator import RuntimeEmulator
 from sagemaker_sdk.aws import Aws
-from tests.serve._process import Serve, running_serve
-from tests.serve.app_support import build_model
+from tests.sagemaker_sdk.fakes import ENDPOINT, REGION
+from tests.support.serve_process import Serve, running_serve
+from tests.support.served_app import build_model
 
-REGION = "us-east-1"
-ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
-IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llm-server:latest"
-ENDPOINT = "tiny-llm"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -91,12 +87,6 @@ def moto(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=10).close()
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
-
-
-def moto_queue_async_results(moto_url: str, results: list[dict[str, Any]]) -> None:
-    body = json.dumps({"region": REGION, "results": results}).encode()
-    request = urllib.request.Request(f"{moto_url}/moto-api/static/sagemaker/async-endpoint-results", data=body)
-    urllib.request.urlopen(request, timeout=10).close()
 
 
 @pytest.fixture

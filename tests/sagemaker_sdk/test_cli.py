@@ -12,8 +12,8 @@ import boto3
 import pytest
 
 from sagemaker_sdk.__main__ import main
-from tests.sagemaker_sdk.conftest import ENDPOINT, IMAGE, REGION, ROLE
-from tests.serve._process import ROOT, Serve
+from tests.sagemaker_sdk.fakes import ENDPOINT, IMAGE, REGION, ROLE
+from tests.support.serve_process import ROOT, Serve
 
 COMMANDS = ("deploy", "invoke", "stream", "delete", "dashboard")
 

@@ -16,7 +16,7 @@ from sagemaker_sdk.alarms import alarm_names
 from sagemaker_sdk.dashboard import dashboard_body
 from sagemaker_sdk.environment import EnvironmentValidationError
 from serve import emf
-from tests.sagemaker_sdk.conftest import IMAGE, REGION, ROLE
+from tests.sagemaker_sdk.fakes import IMAGE, REGION, ROLE
 
 SAGEMAKER_SDK_ENV = {  # what HuggingFaceModel adds to every container environment
     "SAGEMAKER_PROGRAM": "", "SAGEMAKER_SUBMIT_DIRECTORY": "", "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",

@@ -16,7 +16,7 @@ from sagemaker_sdk import EnvironmentValidationError, InstanceTypeError, LLMDepl
 from sagemaker_sdk.deploy import endpoint_name_for, health_check_timeout, parameters_in_billions
 from sagemaker_sdk.environment import ADDED_BY_SAGEMAKER_SDK, MAX_VARIABLES, container_environment, validate_environment
 from sagemaker_sdk.instances import resolve_gpus
-from tests.sagemaker_sdk.conftest import IMAGE, ROLE
+from tests.sagemaker_sdk.fakes import IMAGE, ROLE
 
 
 @pytest.mark.parametrize(

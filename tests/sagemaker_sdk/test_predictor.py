@@ -15,8 +15,8 @@ import pytest
 from sagemaker_sdk import AsyncLLMPredictor, Aws, EndpointError, LLMPredictor
 from sagemaker_sdk.predictor import _event
 from sagemaker_sdk.sse import SseDecoder
-from tests.sagemaker_sdk.conftest import ENDPOINT, REGION, moto_queue_async_results
-from tests.serve._process import Serve
+from tests.sagemaker_sdk.fakes import ENDPOINT, REGION, moto_queue_async_results
+from tests.support.serve_process import Serve
 
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

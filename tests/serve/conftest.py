@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from flask.testing import FlaskClient
 
-from tests.serve.app_support import Served, served
+from tests.support.served_app import Served, served
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from serve.engine_protocol import OverloadedError
-from tests.serve.app_support import CHAT, Served, error, sse_events
+from tests.support.served_app import CHAT, Served, error
+from tests.support.sse import sse_events
 
 TGI_422 = [
     ({"inputs": ""}, "`inputs` cannot be empty"),

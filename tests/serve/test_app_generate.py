@@ -9,7 +9,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from engine import LLM, SamplingParams
-from tests.serve.app_support import Served, served, sse_events
+from tests.support.served_app import Served, served
+from tests.support.sse import sse_events
 
 PROMPTS = ["Hello world", "The quick brown fox", "東京 is the capital of"]
 TIMING_HEADERS = (

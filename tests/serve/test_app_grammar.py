@@ -13,7 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from serve.openai_protocol import ChatRequest
-from tests.serve.app_support import CHAT, Served, error, sse_events
+from tests.support.served_app import CHAT, Served, error
+from tests.support.sse import sse_events
 
 PERSON = {
     "type": "object",

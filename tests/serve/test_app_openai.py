@@ -9,7 +9,8 @@ from flask.testing import FlaskClient
 
 from engine import LLM, SamplingParams
 from serve.app import create_app
-from tests.serve.app_support import CHAT, Served, error, served, sse_events
+from tests.support.served_app import CHAT, Served, error, served
+from tests.support.sse import sse_events
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 

@@ -14,10 +14,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from serve.app import create_app
-from serve.engine_protocol import EngineClient, EngineStats, GenerateRequest, ModelInfo, TokenEvent, UnavailableError
+from serve.engine_protocol import EngineClient, EngineRequest, EngineStats, ModelInfo, TokenEvent, UnavailableError
 from serve.openapi import ROUTES
 from serve.server_config import ServerConfig
-from tests.serve.app_support import MAX_INPUT_TOKENS, Served
+from tests.support.served_app import MAX_INPUT_TOKENS, Served
 
 INFO = ModelInfo("stub", "torch.float32", "cpu", 10, 20, 100, 50, 4, [1])
 
@@ -28,7 +28,7 @@ class StubClient(EngineClient):
     def __init__(self, stats: EngineStats | None) -> None:
         self._stats = stats
 
-    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         raise UnavailableError("the engine is not available")
         yield  # pragma: no cover
 

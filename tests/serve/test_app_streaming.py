@@ -12,7 +12,7 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder
 
-from tests.serve.app_support import Served
+from tests.support.served_app import Served
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from jinja2.exceptions import SecurityError, TemplateError
 
 from engine.model_source import load_tokenizer, resolve_model
 from serve.tokenizer_export import export_tokenizer
-from tests.engine.conftest import CHAT_TEMPLATE as ENGINE_TEMPLATE
-from tests.serve.app_support import CHAT_TEMPLATE as SERVE_TEMPLATE
 from tests.serve.chat_templates import FEATURES, LLAMA3, MISTRAL, QWEN25
 from tests.serve.tokenizer_support import TEXTS, Pair, exported
+from tests.support.served_app import CHAT_TEMPLATE as SERVE_TEMPLATE
+from tests.support.tiny_tokenizer import CHAT_TEMPLATE as ENGINE_TEMPLATE
 
 TOOLS = [
     {

@@ -27,8 +27,8 @@ from pydantic import BaseModel, Field
 from text_generation.types import Grammar, GrammarType
 
 from engine import LLM, RequestOutput, SamplingParams
-from tests.serve._process import Serve, base_env, free_port, running_serve
-from tests.serve.app_support import build_model
+from tests.support.serve_process import Serve, base_env, free_port, running_serve
+from tests.support.served_app import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation")  # its pydantic v1 calls
 

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from serve import emf
 from serve.emf_exporter import Deltas, EmfConfig, EmfEmitter, metric_values, parse
-from serve.engine_protocol import EngineClient, EngineStats, GenerateRequest, ModelInfo, TokenEvent
-from serve.metrics import Metrics, RequestRecord
+from serve.engine_protocol import EngineClient, EngineRequest, EngineStats, ModelInfo, TokenEvent
+from serve.metrics import Metrics
+from serve.request_record import RequestRecord
 from tests.serve.emf_spec import validate_line
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -111,7 +112,7 @@ class _Stats(EngineClient):
     def __init__(self, stats: EngineStats) -> None:
         self.latest = stats
 
-    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         raise NotImplementedError
 
     def stats(self) -> EngineStats:

@@ -9,9 +9,9 @@ import json
 import time
 from pathlib import Path
 
-from tests.serve._process import running_serve
-from tests.serve.app_support import build_model
 from tests.serve.emf_spec import validate_line
+from tests.support.serve_process import running_serve
+from tests.support.served_app import build_model
 
 N = 8
 PROMPTS = ["The quick brown fox", "Paris is", "Once upon a time", "héllo"]

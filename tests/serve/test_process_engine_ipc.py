@@ -20,7 +20,7 @@ from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from serve.engine_process import run
 from serve.engine_protocol import (
-    GenerateRequest,
+    EngineRequest,
     GenerationError,
     ModelInfo,
     OverloadedError,
@@ -30,7 +30,7 @@ from serve.engine_protocol import (
 from serve.engine_server import EngineProcessConfig, EngineServer
 from serve.ipc import Addresses, EngineFacts
 from serve.zmq_client import ZmqEngineClient
-from tests.serve._process import write_chain_model
+from tests.support.serve_process import write_chain_model
 
 INFO = ModelInfo("chain", "float32", "cpu", 100, 200, 1000, 100, 2, [1])
 
@@ -79,8 +79,8 @@ def engine(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
     assert e.proc.exitcode == 0
 
 
-def request(rid: str, max_new_tokens: int, prompt: list[int] | None = None) -> GenerateRequest:
-    return GenerateRequest(rid, prompt or [0, 5, 6], SamplingParams(max_new_tokens=max_new_tokens), time.time())
+def request(rid: str, max_new_tokens: int, prompt: list[int] | None = None) -> EngineRequest:
+    return EngineRequest(rid, prompt or [0, 5, 6], SamplingParams(max_new_tokens=max_new_tokens), time.time())
 
 
 def wait_until(predicate, timeout: float = 10) -> None:

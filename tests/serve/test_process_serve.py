@@ -19,7 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.serve._process import Serve, base_env, free_port, wait_gone, write_chain_model
+from tests.support.serve_process import Serve, base_env, free_port, wait_gone, write_chain_model
+from tests.support.sse import sse_line
 
 CONTEXT = 4096  # long streams: the chain model never stops before max_new_tokens
 
@@ -64,8 +65,8 @@ def stream(server: Serve, max_new_tokens: int, first: threading.Event, events: l
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         for line in response:
-            if line.startswith(b"data:"):
-                events.append(json.loads(line[5:]))
+            if (event := sse_line(line)) is not None:
+                events.append(event)
                 first.set()
     first.set()
 

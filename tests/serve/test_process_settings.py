@@ -13,7 +13,7 @@ from container.ports import free_port
 from container.settings import SettingsError, TokenLimits, load_settings, markdown_table
 from container.variables import VARIABLES, VARIABLES_BY_NAME
 from engine.config import EngineConfig
-from tests.serve._process import base_env, run_serve, write_chain_model
+from tests.support.serve_process import base_env, run_serve, write_chain_model
 
 try:
     from engine.default_model import default_model_path

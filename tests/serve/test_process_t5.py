@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, GenerationConfig
 
-from tests.engine.conftest import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
-from tests.engine.family_models import FAMILY_SPECS
-from tests.serve._process import running_serve
+from tests.support.family_models import FAMILY_SPECS
+from tests.support.serve_process import running_serve
+from tests.support.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 pytestmark = pytest.mark.integration
 TEXTS = ["Paris is the capital of", "héllo wörld 東京 😀"]

@@ -14,8 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.engine.conftest import TinyModels
-from tests.serve._process import Serve, base_env, free_port, run_serve, running_serve, wait_gone, write_chain_model
+from tests.support.serve_process import (
+    Serve,
+    base_env,
+    free_port,
+    run_serve,
+    running_serve,
+    wait_gone,
+    write_chain_model,
+)
+from tests.support.tiny_models import TinyModels
 
 PROMPTS = ["The quick brown fox", "héllo wörld", "Paris is the capital of"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from serve.engine_protocol import ModelInfo
 from serve.ipc import Addresses, WorkerConfig
 from serve.server_config import ServerConfig
-from tests.serve.app_support import CHAT_TEMPLATE
 from tests.serve.tokenizer_support import exported
+from tests.support.served_app import CHAT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = """

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from serve.tokenizer import WorkerTokenizer
 from serve.tokenizer_export import export_tokenizer
-from tests.engine.conftest import CORPUS, train_tokenizer
+from tests.support.tiny_tokenizer import CORPUS, train_tokenizer
 
 TEXTS = [
     *CORPUS,

@@ -1,13 +1,12 @@
 """Shared set-up for the HTTP tests (test_app_*.py): one tiny random llama with a chat template, one
-LLMEngine behind one LocalEngineClient for the whole session, and flask apps built over it with the workers'
+LLMEngine behind one InProcessEngineClient for the whole session, and flask apps built over it with the workers'
 tokenizer (exported as the engine process exports it); transformers' tokenizer stays as the tests' oracle.
 
-The expensive part is memoised here (built once per session); conftest.py exposes it as fixtures.
+The expensive part is memoised here (built once per session); tests/serve/conftest.py exposes it as fixtures.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from serve.app import create_app
-from serve.local_client import LocalEngineClient
+from serve.inprocess_client import InProcessEngineClient
 from serve.server_config import ServerConfig
 from serve.tokenizer import WorkerTokenizer
 from serve.tokenizer_export import export_tokenizer
-from tests.engine.conftest import TinyModels
+from tests.support.tiny_models import TinyModels
 
 CHAT_TEMPLATE = (
     "{% if tools %}<|tools|>{% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n{% endif %}"
@@ -47,7 +46,7 @@ class BufferedClient(FlaskClient):
 class Served:
     path: Path
     engine: LLMEngine
-    client: LocalEngineClient
+    client: InProcessEngineClient
     tokenizer: PreTrainedTokenizerFast  # transformers': the oracle
     config: ServerConfig
     exported: Path  # the workers' tokenizer, as the engine process exports it
@@ -65,7 +64,7 @@ class Served:
         """A failed step stops the engine loop, as it ends the engine process in production: the next test gets a
         new loop over the same engine."""
         if not self.client.running:
-            self.client = LocalEngineClient(self.engine, max_concurrent_requests=16, model_id="tiny-llama").start()
+            self.client = InProcessEngineClient(self.engine, max_concurrent_requests=16, model_id="tiny-llama").start()
         deadline = time.monotonic() + 10
         while self.client.stats() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -102,7 +101,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
         torch.set_num_threads(1)
         path = build_model(tmp_path_factory.mktemp("serve_model"))
         engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", max_batch_total_tokens=4096, num_threads=1))
-        client = LocalEngineClient(engine, max_concurrent_requests=16, model_id="tiny-llama").start()
+        client = InProcessEngineClient(engine, max_concurrent_requests=16, model_id="tiny-llama").start()
         config = ServerConfig.from_model_info(
             client.model_info(), max_input_tokens=MAX_INPUT_TOKENS, max_total_tokens=MAX_TOTAL_TOKENS
         )
@@ -113,18 +112,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     s = _SERVED[0]
     s.ensure_running()
     return s
-
-
-def sse_events(body: bytes) -> list[Any]:
-    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" kept as a string)."""
-    events = []
-    for frame in body.decode().split("\n\n"):
-        if not frame:
-            continue
-        assert frame.startswith("data:"), frame
-        data = frame[len("data:") :].strip()
-        events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}

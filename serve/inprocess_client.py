@@ -1,4 +1,4 @@
-"""LocalEngineClient: the in-process transport over the one EngineLoop, which it runs in a background thread (the
+"""InProcessEngineClient: the in-process transport over the one EngineLoop, which it runs in a background thread (the
 HTTP tests and offline use; production runs the same loop in the engine process behind zmq, serve/engine_server.py).
 
 Request threads hand submissions and aborts to the loop thread, which alone touches the engine and delivers each
@@ -21,8 +21,8 @@ from serve.engine_process import facts
 from serve.engine_protocol import (
     EngineClient,
     EngineError,
+    EngineRequest,
     EngineStats,
-    GenerateRequest,
     ModelInfo,
     TokenEvent,
     UnavailableError,
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class _Stream(Iterator[TokenEvent]):
     """One request's events; raises its admission or generation error from next()."""
 
-    def __init__(self, client: LocalEngineClient, request: GenerateRequest) -> None:
+    def __init__(self, client: InProcessEngineClient, request: EngineRequest) -> None:
         self.client, self.request, self.key = client, request, next(client._keys)
         self.queue: queue.SimpleQueue[TokenEvent | EngineError] = queue.SimpleQueue()
         self.started = self.done = self.closed = False
@@ -75,7 +75,7 @@ class _Stream(Iterator[TokenEvent]):
             pass
 
 
-class LocalEngineClient(EngineClient):
+class InProcessEngineClient(EngineClient):
     def __init__(
         self,
         engine: LLMEngine,
@@ -100,7 +100,7 @@ class LocalEngineClient(EngineClient):
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> LocalEngineClient:
+    def start(self) -> InProcessEngineClient:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
             self._thread.start()
@@ -120,7 +120,7 @@ class LocalEngineClient(EngineClient):
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __enter__(self) -> LocalEngineClient:
+    def __enter__(self) -> InProcessEngineClient:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -138,7 +138,7 @@ class LocalEngineClient(EngineClient):
 
     # ---- EngineClient -----------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: EngineRequest) -> Iterator[TokenEvent]:
         return _Stream(self, request)
 
     def stats(self) -> EngineStats | None:

@@ -21,7 +21,8 @@ import psutil
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from tests.engine.conftest import BOS_ID, EOS_ID, PAD_ID, craft_byte_chain, train_tokenizer
+from tests.support.tiny_models import craft_byte_chain
+from tests.support.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTEXT = 2048

@@ -9,14 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from engine.sampling_params import SamplingParams
-from serve.engine_protocol import EngineClient, GenerateRequest, GenerationError, TokenEvent
-from serve.metrics import Metrics, RequestRecord
-from serve.server_config import ServerConfig
+from serve.engine_protocol import EngineClient, EngineRequest, GenerationError, TokenEvent
+from serve.request_record import RequestRecord
 from serve.streaming import error_event
-from serve.validation import Validator
 
 
 @dataclass
@@ -45,7 +41,7 @@ def token_texts(event: TokenEvent) -> list[str]:
 
 
 class RequestStream:
-    def __init__(self, client: EngineClient, request: GenerateRequest) -> None:
+    def __init__(self, client: EngineClient, request: EngineRequest) -> None:
         self.request = request
         self._events = client.generate(request)
         self._first: TokenEvent | None = None
@@ -119,7 +115,7 @@ class RequestStream:
                     record.inference_s = max(0.0, self.last_token_at - record.arrival - record.validation_s)
 
 
-def open_all(client: EngineClient, requests: Sequence[GenerateRequest]) -> list[RequestStream]:
+def open_all(client: EngineClient, requests: Sequence[EngineRequest]) -> list[RequestStream]:
     """Submit every request (all are admitted and running) or none: on an error, close the opened."""
     streams = [RequestStream(client, r) for r in requests]
     try:
@@ -151,69 +147,6 @@ def collect(stream: RequestStream) -> Collected:
             out.seed = event.seed
             out.timings = dict(event.timings)
     return out
-
-
-class TokenDecoder:
-    """Text of a single token id (top alternatives, logprob entries), cached; and which ids are special."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
-        return text
-
-
-def timing_headers(record: RequestRecord, compute_type: str, characters: int) -> dict[str, str]:
-    """TGI's response headers: x-compute-time in seconds, the other times in whole milliseconds."""
-    total = record.elapsed_s
-    validation = record.validation_s
-    queue = record.queue_s or 0.0
-    inference = record.inference_s if record.inference_s is not None else max(0.0, total - validation - queue)
-    per_token = inference / record.generated_tokens if record.generated_tokens else 0.0
-
-    def ms(seconds: float) -> str:
-        return str(int(seconds * 1000))
-
-    return {
-        "x-compute-type": compute_type,
-        "x-compute-time": f"{total:.6f}",
-        "x-compute-characters": str(characters),
-        "x-total-time": ms(total),
-        "x-validation-time": ms(validation),
-        "x-queue-time": ms(queue),
-        "x-inference-time": ms(inference),
-        "x-time-per-token": ms(per_token),
-        "x-prompt-tokens": str(record.prompt_tokens),
-        "x-generated-tokens": str(record.generated_tokens),
-    }
-
-
-@dataclass
-class Services:
-    """What the route handlers share, built once by create_app."""
-
-    client: EngineClient
-    config: ServerConfig
-    validator: Validator
-    decoder: TokenDecoder
-    metrics: Metrics
-    compute_type: Callable[[], str]
-
-    def requests(
-        self, record: RequestRecord, jobs: Sequence[tuple[list[int], SamplingParams]]
-    ) -> list[GenerateRequest]:
-        """One engine request per job; ids derive from the HTTP request id."""
-        single = len(jobs) == 1
-        return [
-            GenerateRequest(record.request_id if single else f"{record.request_id}-{i}", ids, params, record.arrival)
-            for i, (ids, params) in enumerate(jobs)
-        ]
 
 
 def stream_closer(streams: Sequence[RequestStream], record: RequestRecord) -> Callable[[], None]:

@@ -1,0 +1,68 @@
+"""RequestRecord: what one HTTP request did (counts, latencies, outcome), filled in by the handlers and read by
+the metrics, the access log and TGI's timing response headers (`timing_headers`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestRecord:
+    """What one HTTP request did, for its metrics and its access-log line."""
+
+    request_id: str
+    route: str
+    method: str
+    arrival: float = field(default_factory=time.time)  # wall clock, as EngineRequest.arrival_time
+    start: float = field(default_factory=time.perf_counter)
+    generation: bool = False
+    validated: float | None = None  # perf_counter when validation finished
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    max_new_tokens: int | None = None
+    finish_reason: str | None = None
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    inference_s: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)
+    status: int = 200
+    error_type: str | None = None
+    stream: bool = False
+    prompt: str | None = None  # only when config.log_prompts
+    custom_attributes: bool = False
+    done: bool = False
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def validation_s(self) -> float:
+        return (self.validated or self.start) - self.start
+
+
+def timing_headers(record: RequestRecord, compute_type: str, characters: int) -> dict[str, str]:
+    """TGI's response headers: x-compute-time in seconds, the other times in whole milliseconds."""
+    total = record.elapsed_s
+    validation = record.validation_s
+    queue = record.queue_s or 0.0
+    inference = record.inference_s if record.inference_s is not None else max(0.0, total - validation - queue)
+    per_token = inference / record.generated_tokens if record.generated_tokens else 0.0
+
+    def ms(seconds: float) -> str:
+        return str(int(seconds * 1000))
+
+    return {
+        "x-compute-type": compute_type,
+        "x-compute-time": f"{total:.6f}",
+        "x-compute-characters": str(characters),
+        "x-total-time": ms(total),
+        "x-validation-time": ms(validation),
+        "x-queue-time": ms(queue),
+        "x-inference-time": ms(inference),
+        "x-time-per-token": ms(per_token),
+        "x-prompt-tokens": str(record.prompt_tokens),
+        "x-generated-tokens": str(record.generated_tokens),
+    }

@@ -134,7 +134,7 @@ class Launcher:
         s = self.settings
         tokenizer_dir = os.path.join(self.runtime_dir, "tokenizer")  # the engine exports it there for the workers
         config = EngineProcessConfig(
-            s.engine, addresses, s.server["max_concurrent_requests"], s.launcher.log_level, tokenizer_dir
+            s.engine, addresses, s.server["max_concurrent_requests"], s.launcher.log_level, tokenizer_dir, s.tracing
         )
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()

@@ -16,6 +16,7 @@ from container.variables import VARIABLES, VARIABLES_BY_NAME, SettingsError
 from engine.config import EngineConfig
 from serve.emf_exporter import EmfConfig
 from serve.server_config import ServerConfig
+from serve.tracing import INSTALL_HINT, TracingConfig, missing_packages
 
 DEFAULT_TOTAL_TOKENS_CAP = 4096  # as TGI: MAX_TOTAL_TOKENS defaults to min(model context, 4096)
 EXTRA_THREADS = 16  # per worker, beyond max_concurrent_requests: /ping and /metrics never wait behind streams
@@ -72,6 +73,7 @@ class Settings:
     server: dict[str, Any]  # ServerConfig fields known before the model loads
     model_label: str  # what /info reports as model_id
     cloudwatch: EmfConfig = EmfConfig()
+    tracing: TracingConfig = TracingConfig()
     shard_variable: str = "SM_NUM_GPUS"  # the variable that set the tensor-parallel degree (for its errors)
     quantize_variable: str = "HF_MODEL_QUANTIZE"  # the variable that set the quantization (for its errors)
 
@@ -207,7 +209,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         variant_name=read.get("CLOUDWATCH_VARIANT_NAME"),
     )
     return Settings(engine=engine, launcher=launcher, limits=limits, server=server, model_label=label,
-                    cloudwatch=cloudwatch, shard_variable=shard_var, quantize_variable=quantize_var)  # fmt: skip
+                    cloudwatch=cloudwatch, tracing=_tracing(read), shard_variable=shard_var,
+                    quantize_variable=quantize_var)  # fmt: skip
+
+
+def _tracing(read: _Reader) -> TracingConfig:
+    """OTLP_ENDPOINT set: the exporter it needs must be installed (the `tracing` extra)."""
+    config = TracingConfig(read.get("OTLP_ENDPOINT"), read.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+                           read.get("OTLP_SERVICE_NAME"))  # fmt: skip
+    if config.enabled and (missing := missing_packages(config.resolved_protocol)):
+        raise SettingsError(f"OTLP_ENDPOINT needs {' and '.join(missing)}, which are not installed: {INSTALL_HINT}")
+    return config
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -14,6 +14,7 @@ from engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
 from engine.quant.config import METHODS as QUANTIZE_METHODS
 from serve.emf_exporter import EmfConfig
 from serve.server_config import ServerConfig
+from serve.tracing import PROTOCOLS, TracingConfig, parse_endpoint
 
 
 class SettingsError(ValueError):
@@ -225,6 +226,13 @@ VARIABLES: tuple[Variable, ...] = (
              "`EndpointName` dimension of the EMF metrics (the SDK sets it; no such dimension when unset)"),
     Variable(("CLOUDWATCH_VARIANT_NAME",), "a variant name (at most 1024 characters)", _dimension, "",
              "`VariantName` dimension of the EMF metrics", value=_default(EmfConfig, "variant_name")),
+    Variable(("OTLP_ENDPOINT",), "an http:// or https:// URL", parse_endpoint, "-", "OpenTelemetry: send request "
+             "spans to this OTLP endpoint (docs/tracing.md; needs the `tracing` extra); unset: no tracing"),
+    Variable(("OTLP_SERVICE_NAME", "OTEL_SERVICE_NAME"), "a service name", _text, "",
+             "`service.name` of the spans", value=_default(TracingConfig, "service_name")),
+    Variable(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"), "one of " + ", ".join(PROTOCOLS),
+             _choice(*PROTOCOLS), "from the URL", "OTLP protocol; unset: http/protobuf for port 4318 or a "
+             "`/v1/traces` path, else grpc"),
 )
 # fmt: on
 VARIABLES_BY_NAME = {name: var for var in VARIABLES for name in var.names}

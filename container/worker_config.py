@@ -34,4 +34,5 @@ def worker_config(s: Settings, addresses: Addresses, facts: EngineFacts, metrics
         s.engine.trust_remote_code,
         s.launcher.log_level,
         facts.tokenizer_dir,
+        s.tracing,
     )

@@ -35,7 +35,7 @@ from engine.quant.config import resolve_quantization
 from engine.quant.report import check_groups_divide
 from engine.sampler import SampleOutput, Sampler, SamplingRequest
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.stop import StopStringMatcher, token_stop_reason
 
@@ -91,6 +91,7 @@ class LLMEngine:
         # Grammars are compiled on rank 0, where sampling is; the vocabulary view is built once, here.
         self.grammars, self.masks = self._grammar_support()
         self._requests: dict[str, _Request] = {}
+        self.last_batch: ScheduledBatch | None = None  # what the latest step() scheduled (read by observers)
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
 
@@ -217,7 +218,7 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
         rows = [item for item in batch.scheduled if item.sample]

@@ -30,6 +30,7 @@ from serve.services import Services
 from serve.tgi_api import TgiApi
 from serve.tgi_protocol import GenerateRequest, Info, SimpleToken, TokenizeRequest
 from serve.token_decoder import TokenDecoder
+from serve.tracing import Tracing
 from serve.validation import Validator
 
 OPEN_ENDPOINTS = frozenset({"ping", "health", "metrics", "info", "models", "openapi"})  # never behind the API key
@@ -47,9 +48,14 @@ def _version() -> str:
 
 
 def create_app(
-    client: EngineClient, config: ServerConfig, tokenizer: Any, serving: Callable[[], bool] | None = None
+    client: EngineClient,
+    config: ServerConfig,
+    tokenizer: Any,
+    serving: Callable[[], bool] | None = None,
+    tracing: Tracing | None = None,
 ) -> Flask:
-    """`serving`: whether the container has handed this worker the port (/ping is 503 until then); None: always."""
+    """`serving`: whether the container has handed this worker the port (/ping is 503 until then); None: always.
+    `tracing`: the worker's tracer (serve/tracing.py); None: tracing off, no span work at all."""
     app = Flask("serve", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.payload_limit
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -115,6 +121,11 @@ def create_app(
         if status == 405 and getattr(exc, "valid_methods", None):
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return response
+
+    if tracing is not None:  # after the hooks above: the record exists when the tracing hooks run
+        from serve.http_tracing import RequestTracing
+
+        RequestTracing(tracing, config.log_prompts, QUIET_ENDPOINTS).install(app)
 
     def body_object() -> dict[str, Any]:
         """The JSON object in the body, after the content-type and size checks (nothing parsed before)."""

@@ -26,6 +26,7 @@ from serve.ipc import failure_message, token_event
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
+    from serve.engine_tracing import EngineSpans
 
 logger = logging.getLogger("serve.engine")
 Key = Hashable
@@ -43,8 +44,11 @@ class _InFlight:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_concurrent_requests: int, deliver: Deliver) -> None:
+    def __init__(
+        self, engine: LLMEngine, max_concurrent_requests: int, deliver: Deliver, spans: EngineSpans | None = None
+    ) -> None:
         self.engine, self.max_concurrent_requests, self.deliver = engine, max_concurrent_requests, deliver
+        self.spans = spans  # tracing on: the engine's spans (serve/engine_tracing.py); None: no tracing work at all
         self.in_flight: dict[Key, _InFlight] = {}
         self._ids: dict[str, Key] = {}  # engine request id -> transport key
         self.draining = False
@@ -71,6 +75,8 @@ class EngineLoop:
             return False
         self.in_flight[key] = _InFlight(request, time.time())
         self._ids[rid] = key
+        if self.spans is not None:
+            self.spans.started(rid, request, self.in_flight[key].added_wall)
         return True
 
     def abort(self, key: Key) -> None:
@@ -79,6 +85,8 @@ class EngineLoop:
             rid = str(key)
             self._ids.pop(rid, None)
             self.engine.abort_request(rid)
+            if self.spans is not None:
+                self.spans.cancelled(rid)
 
     def drain(self, draining: bool = True) -> None:
         if draining and not self.draining:
@@ -93,17 +101,23 @@ class EngineLoop:
     def step(self) -> None:
         """One engine step and the delivery of its events. A failed step fails every request in flight and raises
         EngineFailed: the transport stops, and the process exits to be replaced."""
+        spans = self.spans
+        started_ns = time.time_ns() if spans is not None else 0
         try:
             outputs = self.engine.step()
         except Exception as e:
             logger.exception("engine step failed; failing %d requests", len(self.in_flight))
             self.fail_all(GenerationError(f"the engine failed: {type(e).__name__}: {e}"))
             raise EngineFailed(str(e)) from e
+        if spans is not None:
+            spans.step(self.engine, started_ns)
         for out in outputs:
             key = self._ids.get(out.request_id)
             record = None if key is None else self.in_flight.get(key)
             if record is None:
                 continue
+            if spans is not None:
+                spans.output(out.request_id, out)
             if out.finished:
                 del self.in_flight[key]
                 del self._ids[out.request_id]
@@ -125,6 +139,8 @@ class EngineLoop:
         for key in list(self.in_flight):
             self.engine.abort_request(str(key))
             self.deliver(key, error)
+            if self.spans is not None:
+                self.spans.failed(str(key), error)
         self.in_flight.clear()
         self._ids.clear()
 

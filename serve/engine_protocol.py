@@ -46,6 +46,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float  # time.time() when the HTTP request arrived
+    trace_context: dict[str, str] | None = None  # W3C traceparent/tracestate of the HTTP span (tracing on)
 
 
 @dataclass(frozen=True)

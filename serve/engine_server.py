@@ -31,9 +31,13 @@ from serve.ipc import (
     Reply,
     Submit,
 )
+from serve.tracing import TracingConfig
+from serve.tracing import setup as setup_tracing
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
+    from serve.engine_tracing import EngineSpans
+    from serve.tracing import Tracing
 
 logger = logging.getLogger("serve.engine")
 IDLE_POLL_MS = 100
@@ -46,6 +50,7 @@ class EngineProcessConfig:
     max_concurrent_requests: int
     log_level: str = "info"
     tokenizer_dir: str = ""  # where to export the tokenizer for the HTTP workers (a new dir); "": nowhere
+    tracing: TracingConfig = TracingConfig()  # OpenTelemetry (off unless an endpoint is set)
 
 
 class EngineServer:
@@ -62,7 +67,8 @@ class EngineServer:
             self.router.setsockopt(zmq.LINGER, 2000)
             self.router.bind(config.addresses.requests)
             self.outbox: dict[bytes, list[Reply]] = defaultdict(list)
-            self.loop = EngineLoop(engine, config.max_concurrent_requests, self._reply)
+            self.tracing = setup_tracing(config.tracing, "engine")
+            self.loop = EngineLoop(engine, config.max_concurrent_requests, self._reply, _spans(self.tracing))
             self._drained_reported = False
             self.stats = self.loop.stats()
         except BaseException:
@@ -115,6 +121,8 @@ class EngineServer:
             self._heartbeat.join(timeout=2)
         self.router.close()
         self.ctx.term()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports what is left
 
     def _stop_all(self, reason: str) -> None:
         self.loop.fail_all(UnavailableError(reason))
@@ -185,6 +193,14 @@ class EngineServer:
                 self._stop.wait(STATS_INTERVAL_S)
         finally:
             pub.close()
+
+
+def _spans(tracing: Tracing | None) -> EngineSpans | None:
+    if tracing is None:
+        return None
+    from serve.engine_tracing import EngineSpans
+
+    return EngineSpans(tracing)
 
 
 def parent_alive() -> bool:

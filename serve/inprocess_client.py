@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.llm_engine import LLMEngine
 from serve.engine_loop import EngineFailed, EngineLoop
@@ -28,6 +28,9 @@ from serve.engine_protocol import (
     UnavailableError,
 )
 from serve.ipc import model_info
+
+if TYPE_CHECKING:
+    from serve.engine_tracing import EngineSpans
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +85,13 @@ class InProcessEngineClient(EngineClient):
         max_concurrent_requests: int = 128,
         model_id: str | None = None,
         stats_interval_s: float = 0.2,
+        spans: EngineSpans | None = None,
     ) -> None:
+        """`spans`: the engine's tracing spans (serve/engine_tracing.py); None: no tracing."""
         self.engine = engine
         self.stats_interval_s = stats_interval_s
         self._streams: dict[int, _Stream] = {}  # submitted, until their last event; loop thread only
-        self.loop = EngineLoop(engine, max_concurrent_requests, self._deliver)
+        self.loop = EngineLoop(engine, max_concurrent_requests, self._deliver, spans)
         self._cond = threading.Condition()
         self._pending: list[_Stream] = []
         self._aborts: list[_Stream] = []

@@ -24,6 +24,7 @@ from serve.engine_protocol import (
     ValidationError,
 )
 from serve.server_config import ServerConfig
+from serve.tracing import TracingConfig
 
 if TYPE_CHECKING:
     from engine.outputs import RequestOutput
@@ -115,6 +116,7 @@ class WorkerConfig:
     trust_remote_code: bool
     log_level: str
     worker_tokenizer: str | None = None  # EngineFacts.tokenizer_dir; None: load tokenizer_dir with transformers
+    tracing: TracingConfig = TracingConfig()  # OpenTelemetry (off unless an endpoint is set)
 
     def write(self, path: str) -> None:
         with open(path, "wb") as f:

@@ -182,6 +182,8 @@ def log_request(rec: RequestRecord, total_s: float) -> None:
     }
     if rec.custom_attributes:
         line["custom_attributes"] = True
+    if rec.trace_id is not None:
+        line["trace_id"] = rec.trace_id
     if rec.prompt is not None:
         line["prompt"] = rec.prompt
     access_logger.info(json.dumps(line, ensure_ascii=False, separators=(",", ":")))

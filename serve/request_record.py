@@ -32,6 +32,8 @@ class RequestRecord:
     stream: bool = False
     prompt: str | None = None  # only when config.log_prompts
     custom_attributes: bool = False
+    trace_id: str | None = None  # tracing on: the request's trace (response header, access log)
+    trace_context: dict[str, str] | None = None  # tracing on: the HTTP span's W3C context, for the engine's spans
     done: bool = False
 
     @property

@@ -31,6 +31,12 @@ class Services:
         """One engine request per job; ids derive from the HTTP request id."""
         single = len(jobs) == 1
         return [
-            EngineRequest(record.request_id if single else f"{record.request_id}-{i}", ids, params, record.arrival)
+            EngineRequest(
+                record.request_id if single else f"{record.request_id}-{i}",
+                ids,
+                params,
+                record.arrival,
+                trace_context=record.trace_context,
+            )
             for i, (ids, params) in enumerate(jobs)
         ]

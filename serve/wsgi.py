@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from serve.ipc import Handover, WorkerConfig
+from serve.tracing import setup as setup_tracing
 from serve.zmq_client import ZmqEngineClient
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def build_app(config_path: str) -> Flask:
     client.start()
     tokenizer = load_tokenizer(config)
     handover = Handover(os.path.dirname(config_path))
-    app = create_app(client, config.server, tokenizer, serving=handover.serving)
+    tracing = setup_tracing(config.tracing, "worker")  # after the fork: the span exporter's thread is ours
+    app = create_app(client, config.server, tokenizer, serving=handover.serving, tracing=tracing)
     handover.booted()
     return app

@@ -162,6 +162,8 @@ BAD = [
     ("HF_MODEL_ID", "/no/such/model", "existing path"),
     ("CLOUDWATCH_NAMESPACE", "AWS/SageMaker", "must be a CloudWatch namespace"),
     ("CLOUDWATCH_METRICS_INTERVAL", "0.5", "must be a number of seconds >= 1"),
+    ("OTLP_ENDPOINT", "collector:4317", "must be an http:// or https:// URL"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "must be one of grpc, http/protobuf"),
 ]
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.serve_process import running_serve, write_chain_model
 from tests.support.otlp_receiver import HttpReceiver, ReceivedSpan
+from tests.support.serve_process import running_serve, write_chain_model
 
 pytestmark = pytest.mark.integration
 TRACE, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"

@@ -13,8 +13,8 @@ import pytest
 
 from container.settings import load_settings
 from serve.tracing import GRPC, HTTP, Tracing, TracingConfig, infer_protocol, missing_packages
-from tests.support.serve_process import ROOT, base_env
 from tests.support.otlp_receiver import GrpcReceiver, HttpReceiver
+from tests.support.serve_process import ROOT, base_env
 
 
 @pytest.mark.parametrize(

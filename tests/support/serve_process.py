@@ -26,6 +26,7 @@ from tests.support.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTEXT = 2048
+LIVE_ENDPOINT = "tiny-llm"  # the SageMaker endpoint name conftest's `live_runtime` serves `live_server` under
 
 
 def write_chain_model(path: Path, context: int = CONTEXT) -> Path:

@@ -175,6 +175,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         revision=read.get("HF_MODEL_REVISION"),
         hf_token=read.get("HF_TOKEN"),
         trust_remote_code=read.get("HF_MODEL_TRUST_REMOTE_CODE"),
+        model_implementation=read.get("MODEL_IMPLEMENTATION"),
         dtype=read.get("DTYPE"),
         max_num_seqs=read.get("MAX_BATCH_SIZE", min(256, max_concurrent)),
         max_batch_prefill_tokens=read.get("MAX_BATCH_PREFILL_TOKENS"),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from engine.config import ATTENTION_BACKENDS, DTYPES, MODEL_IMPLEMENTATIONS, EngineConfig
 from engine.quant.config import METHODS as QUANTIZE_METHODS
 from serve.emf_exporter import EmfConfig
 from serve.server_config import ServerConfig
@@ -162,6 +162,10 @@ VARIABLES: tuple[Variable, ...] = (
              "file's Q4_0 / Q4_1 / Q8_0; none serves 16-bit weights (GGUF dequantized)"),
     Variable(("DTYPE",), "one of " + ", ".join(DTYPES), _choice(*DTYPES), "", "auto: bfloat16 (float16 on GPUs "
              "without bf16)", value=_default(EngineConfig, "dtype")),
+    Variable(("MODEL_IMPLEMENTATION",), "one of " + ", ".join(MODEL_IMPLEMENTATIONS), _choice(*MODEL_IMPLEMENTATIONS),
+             "", "auto: our native implementation where the architecture has one, else transformers' modelling code "
+             "on our paged KV cache (docs/models.md; one GPU, no CUDA graphs); native or transformers forces one",
+             value=_default(EngineConfig, "model_implementation")),
     Variable(("ATTENTION_BACKEND",), "one of auto, " + ", ".join(ATTENTION_BACKENDS),
              _choice("auto", *ATTENTION_BACKENDS), "", "attention kernels; auto: triton on GPUs, the compiled "
              "kernels on CPU (the start-up log's plan line says which ran)", value="auto"),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("torch", "cpu", "triton", "flash_attn")
+# auto: the native implementation where the architecture has one, else the transformers fallback
+MODEL_IMPLEMENTATIONS = ("auto", "native", "transformers")
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class EngineConfig:
     revision: str | None = None
     hf_token: str | None = None
     trust_remote_code: bool = False
+    model_implementation: str = "auto"  # one of MODEL_IMPLEMENTATIONS (engine/models/transformers_fallback.py)
     dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without bf16)
     device: str = "auto"  # auto: cuda when available, else cpu
     max_num_seqs: int = 256  # running sequences at once
@@ -72,6 +75,9 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        if self.model_implementation not in MODEL_IMPLEMENTATIONS:
+            choices = ", ".join(MODEL_IMPLEMENTATIONS)
+            raise ValueError(f"model_implementation must be one of {choices}, got {self.model_implementation!r}")
         from engine.quant.config import METHODS
 
         if self.quantize is not None and self.quantize not in METHODS:

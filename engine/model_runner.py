@@ -22,7 +22,7 @@ from engine.device import cpu_threads, rank_device, resolve_dtype
 from engine.kv_sizing import cuda_kv_blocks
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
-from engine.models import get_model_class
+from engine.models import get_model_class, model_implementation
 from engine.parallel import SINGLE_RANK, ParallelState, building_with
 from engine.plan import ExecutionPlan, resolve_plan, resolve_quant_kernel
 from engine.quant.config import resolve_quantization
@@ -54,29 +54,24 @@ class ModelRunner:
         self.send_step: Callable[[StepInput], None] | None = None  # rank 0 of several: hands each step on
         self.block_size = config.block_size or (16 if self.device.type == "cuda" else 32)
         self.max_model_len = max_model_len
+        self.implementation = model_implementation(hf_config, config.model_implementation)
+        # the fallback serves a GGUF file dequantized unless a quantization is asked for (which it then refuses)
+        requested = "none" if self.implementation == "transformers" and config.quantize is None else config.quantize
         self.quant = resolve_quantization(
-            config.quantize, hf_config, bool(files.gguf_file), self.device, group_size=config.quant_group_size
+            requested, hf_config, bool(files.gguf_file), self.device, group_size=config.quant_group_size
         )
         build, quant = None, "none"
         if self.quant is not None:
             build = QuantBuild(self.quant, resolve_quant_kernel(config, self.quant, self.device, self.dtype),
                                self.device, self.dtype)  # fmt: skip
             quant = f"{self.quant.describe()} on {build.kernel}"
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with self.device, building_with(parallel), building_quantized(build):
-                model = get_model_class(hf_config)(hf_config, max_position=max_model_len)
-        finally:
-            torch.set_default_dtype(previous)
-        gguf_native = self.quant is not None and self.quant.method == "gguf"
-        model.load_weights(iter_weights(files, hf_config, gguf_native=gguf_native))
-        finish(model)
+        model = self._build(files, build) if self.implementation == "native" else self._build_fallback(files)
         layers = model.attention_layers()
         options = frozenset(o for layer in layers for o in layer.option_names)
         graphs_allowed = getattr(model, "cuda_graphs", True)  # the model may rule them out
         head_dim = layers[0].head_dim
         plan = resolve_plan(config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed, quant)
+        plan = dataclasses.replace(plan, model=self.implementation)
         if plan.cpu_gemm is not None:
             model.pack_for_cpu(gemm_kernel=plan.cpu_gemm)  # 16-bit: the GEMM kernel's panels or oneDNN's
         if parallel.rank == 0:
@@ -101,6 +96,33 @@ class ModelRunner:
             self.graphs = CudaGraphRunner(self, self.plan.cuda_graphs)
         if parallel.rank == 0:
             logger.info("execution plan: %s", self.plan.describe())
+
+    def _build(self, files: ModelFiles, build: QuantBuild | None) -> torch.nn.Module:
+        """The native model: built in the dtype on the device (sharded, quantized layers as planned), then loaded."""
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with self.device, building_with(self.parallel), building_quantized(build):
+                model = get_model_class(self.hf_config)(self.hf_config, max_position=self.max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
+        gguf_native = self.quant is not None and self.quant.method == "gguf"
+        model.load_weights(iter_weights(files, self.hf_config, gguf_native=gguf_native))
+        finish(model)
+        return model
+
+    def _build_fallback(self, files: ModelFiles) -> torch.nn.Module:
+        """transformers' model on the paged cache (engine/models/transformers_fallback.py): one rank, 16/32-bit."""
+        from engine.models.transformers_fallback import TransformersCausalLM
+
+        if self.quant is not None:
+            raise ValueError(
+                f"quantization ({self.quant.describe()}) is not supported through the transformers fallback; "
+                "serve the model unquantized (HF_MODEL_QUANTIZE unset)"
+            )
+        arch = (getattr(self.hf_config, "architectures", None) or [self.hf_config.model_type])[0]
+        logger.info("model: %s through the transformers fallback (transformers' modelling code, our paged KV)", arch)
+        return TransformersCausalLM.load(files, self.hf_config, self.device, self.dtype, self.config.trust_remote_code)
 
     # Facts of the plan, for callers and tests.
     @property
@@ -206,6 +228,9 @@ class ModelRunner:
         if self.encoder_decoder:
             self.model.begin_step(step)
         with attention_metadata(tensors.meta):
+            if getattr(self.model, "computes_logits", False):  # the transformers fallback: its own head, sampling rows
+                logits = self.model(tensors.input_ids, tensors.positions, tensors.sample_rows)
+                return (logits if self.plan.fused_ops else logits.float()) if step.sample_rows else None
             hidden = self.model(tensors.input_ids, tensors.positions)
         if not step.sample_rows:
             return None

@@ -11,7 +11,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.device import resolve_device
-from engine.models import tp_shape
+from engine.models import model_implementation, tp_shape
 
 
 class ParallelConfigError(ValueError):
@@ -69,7 +69,14 @@ def resolve_parallel_config(
     on_gpu = device.type == "cuda"
     if gpu_count is None:
         gpu_count = torch.cuda.device_count() if on_gpu else 0
-    degree = config.tensor_parallel_size or (max(1, gpu_count) if on_gpu else 1)
+    # the transformers fallback runs on one rank: one GPU by default, an error when more are asked for
+    fallback = model_implementation(hf_config, config.model_implementation) == "transformers"
+    degree = config.tensor_parallel_size or (max(1, gpu_count) if on_gpu and not fallback else 1)
+    if fallback and degree > 1:
+        raise ParallelConfigError(
+            f"tensor-parallel degree {degree}: this model is served through the transformers fallback, which runs on "
+            "one GPU (set SM_NUM_GPUS / tensor_parallel_size to 1)"
+        )
     if on_gpu:
         check_gpu_count(degree, gpu_count)
         if degree > 1 and device.index is not None:
@@ -77,7 +84,8 @@ def resolve_parallel_config(
                 f"device {config.device!r} names one GPU, but tensor-parallel degree {degree} uses cuda:0..{degree - 1}"
                 "; use device 'cuda' or 'auto' (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
             )
-    check_model_divides(hf_config, degree)
+    if not fallback:
+        check_model_divides(hf_config, degree)
     return ParallelConfig(
         world_size=degree,
         backend="nccl" if on_gpu else "gloo",

@@ -37,6 +37,7 @@ class ExecutionPlan:
     decoder_stack: bool  # CPU bf16: every decoder layer in one compiled call, where the model allows it
     cuda_graphs: tuple[int, ...]  # decode batch sizes replayed as CUDA graphs; () = eager
     quant: str = "none"  # "none" or "<method> on <kernel>" (resolve_quant_kernel)
+    model: str = "native"  # "native" | "transformers" (the fallback: transformers' modelling code on our paged KV)
 
     def describe(self) -> str:
         matmul = {None: "cublas", True: "gemm_kernel", False: "onednn"}[self.cpu_gemm]
@@ -47,7 +48,8 @@ class ExecutionPlan:
         return (
             f"device={self.device} dtype={dtype} attention={self.attention} matmul={matmul} "
             f"fused_ops={'on' if self.fused_ops else 'off'} decoder_stack={'on' if self.decoder_stack else 'off'} "
-            f"graphs={graphs} sampler=device quant={self.quant.replace(' ', '_')}"
+            f"graphs={graphs} sampler=device quant={self.quant.replace(' ', '_')} "
+            f"model={'native' if self.model == 'native' else 'transformers_fallback'}"
         )
 
 

@@ -1,5 +1,6 @@
-"""Model registry: `architectures[0]` (or `model_type` for GGUF configs) -> native model class, and what the engine
-asks of a model before building it (tensor-parallel shape, context length)."""
+"""Model registry: `architectures[0]` (or `model_type` for GGUF configs) -> native model class, the choice between
+the native implementation and the transformers fallback (`model_implementation`), and what the engine asks of a
+model before building it (tensor-parallel shape, context length)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,33 @@ def get_model_class(hf_config) -> type[nn.Module]:
     raise ValueError(
         f"unsupported model architecture {getattr(hf_config, 'architectures', None) or model_type!r}; "
         f"supported: {', '.join(supported_architectures())}"
+    )
+
+
+def model_implementation(hf_config, requested: str = "auto") -> str:
+    """Which implementation serves the model: "native", or "transformers" (the fallback, in
+    engine/models/transformers_fallback.py) for an architecture we do not implement or when `requested` forces it.
+    ValueError (one line, naming the architecture) when the chosen path cannot serve the model."""
+    if requested == "native":
+        get_model_class(hf_config)  # raises naming the architecture and the supported ones
+        return "native"
+    if requested == "auto":
+        try:
+            get_model_class(hf_config)
+            return "native"
+        except ValueError:
+            pass
+    from engine.models.transformers_fallback import unsupported_reason
+
+    why = unsupported_reason(hf_config)
+    if why is None:
+        return "transformers"
+    arch = getattr(hf_config, "architectures", None) or getattr(hf_config, "model_type", None)
+    native = ""
+    if requested != "transformers":
+        native = f"no native implementation (supported: {', '.join(supported_architectures())}), and "
+    raise ValueError(
+        f"unsupported model architecture {arch!r}: {native}the transformers fallback cannot serve it: {why}"
     )
 
 

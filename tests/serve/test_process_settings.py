@@ -141,6 +141,7 @@ def test_defaults_come_from_the_registry() -> None:
         ("PAYLOAD_LIMIT", s.server["payload_limit"]),
         ("SERVE_DRAIN_TIMEOUT", s.launcher.drain_timeout),
         ("MESSAGES_API_ENABLED", s.server["messages_api_enabled"]),
+        ("MODEL_IMPLEMENTATION", s.engine.model_implementation),
     ]:
         assert got == VARIABLES_BY_NAME[name].value, name
     assert VARIABLES_BY_NAME["MAX_BATCH_PREFILL_TOKENS"].value == EngineConfig().max_batch_prefill_tokens
@@ -154,6 +155,7 @@ BAD = [
     ("HF_MODEL_QUANTIZE", "eetq", "must be one of none, bitsandbytes, bitsandbytes-nf4"),
     ("DTYPE", "float8", "must be one of auto, float32, bfloat16, float16"),
     ("ATTENTION_BACKEND", "xformers", "must be one of auto, torch, cpu, triton, flash_attn"),
+    ("MODEL_IMPLEMENTATION", "vllm", "must be one of auto, native, transformers"),
     ("CUDA_MEMORY_FRACTION", "1.5", "must be a number in (0, 1]"),
     ("CUDA_MEMORY_FRACTION", "nan", "must be a number in (0, 1]"),
     ("CUDA_GRAPHS", "maybe", "must be true or false"),

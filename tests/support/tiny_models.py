@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from engine import SamplingParams
+from tests.support.fallback_models import FALLBACK_SPECS
 from tests.support.family_models import FAMILY_SPECS, ROPE_SPECS, FamilySpec
 from tests.support.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_token_id, train_tokenizer
 
@@ -154,6 +155,7 @@ SPECS: dict[str, TinySpec | FamilySpec] = {
 }
 SPECS.update(FAMILY_SPECS)  # the other native families (family_models.py)
 SPECS.update(ROPE_SPECS)
+SPECS.update(FALLBACK_SPECS)  # architectures served through the transformers fallback
 ORACLE_CONFIGS = ("llama_gqa", "qwen2", "llama_tied")
 
 

@@ -28,7 +28,12 @@ from engine.weight_slice import TensorSlice, materialize, narrow_clamped
 
 
 def hf(heads: int, kv_heads: int, intermediate: int) -> SimpleNamespace:
-    return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate)
+    return SimpleNamespace(
+        architectures=["LlamaForCausalLM"],  # native: the transformers fallback would run on one rank
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+    )
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,7 @@ def create_app(
             max_batch_prefill_tokens=mi.max_batch_prefill_tokens,
             max_client_batch_size=config.max_client_batch_size,
             quantize=mi.extra.get("quantize"),
+            model_implementation=mi.extra.get("model_implementation", "native"),
             version=version,
         )
         return jsonify(body.model_dump(mode="json"))

@@ -44,6 +44,7 @@ def facts(engine: LLMEngine, tokenizer_dir: str | None = None) -> EngineFacts:
         max_batch_prefill_tokens=engine.config.max_batch_prefill_tokens,
         quantize=engine.runner.plan.quant,
         tokenizer_dir=tokenizer_dir,
+        model_implementation=engine.runner.plan.model,
     )
 
 

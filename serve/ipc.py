@@ -104,6 +104,7 @@ class EngineFacts:
     max_batch_prefill_tokens: int
     quantize: str = "none"  # the plan's quantization: "none" or "<method> on <kernel>"
     tokenizer_dir: str | None = None  # the tokenizer exported for the workers (serve.tokenizer); None: not exported
+    model_implementation: str = "native"  # "native" or "transformers" (the fallback)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,12 @@ def model_info(
         max_batch_total_tokens=facts.kv_cache_tokens,
         max_batch_prefill_tokens=facts.max_batch_prefill_tokens,
         max_concurrent_requests=max_concurrent_requests,
-        extra={"model_context": facts.model_context, "quantize": facts.quantize, **(extra or {})},
+        extra={
+            "model_context": facts.model_context,
+            "quantize": facts.quantize,
+            "model_implementation": facts.model_implementation,
+            **(extra or {}),
+        },
     )
 
 

@@ -165,6 +165,7 @@ class Info(Response):
     max_batch_prefill_tokens: int
     max_client_batch_size: int
     quantize: str | None = None  # "none", or the method and its kernel ("gptq int4 g128 on triton")
+    model_implementation: str = "native"  # ours: "native", or "transformers" (the fallback, docs/models.md)
     validation_workers: int = 1
     router: str = "text-generation-router"
     version: str

@@ -163,3 +163,27 @@ def test_fallback_on_cuda_matches_transformers(name: str, engines: Engines, orac
     llm = engines(name, device="cuda", **TIGHT)
     assert not llm.engine.runner.plan.cuda_graphs
     _check_staggered(llm, oracle, name)
+
+
+def test_the_http_api_serves_the_fallback_and_info_says_so(engines: Engines, tmp_path: Path) -> None:
+    """/info reports the implementation; /generate through the one engine loop gives LLM.generate's tokens."""
+    from serve.app import create_app
+    from serve.inprocess_client import InProcessEngineClient
+    from serve.server_config import ServerConfig
+    from serve.tokenizer_export import export_tokenizer
+
+    llm = engines("olmo")
+    prompt = "hello world"
+    expected = llm.generate([prompt], greedy(8))[0]
+    client = InProcessEngineClient(llm.engine, max_concurrent_requests=4, model_id="tiny-olmo").start()
+    try:
+        config = ServerConfig.from_model_info(client.model_info(), max_input_tokens=64, max_total_tokens=96)
+        app = create_app(client, config, export_tokenizer(llm.engine.tokenizer, str(tmp_path / "tokenizer")))
+        api = app.test_client()
+        assert api.get("/info").json["model_implementation"] == "transformers"
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": 8, "details": True, "decoder_input_details": False}}
+        answer = api.post("/generate", json=body).json
+        assert [t["id"] for t in answer["details"]["tokens"]] == expected.token_ids
+        assert answer["generated_text"] == expected.text
+    finally:
+        client.stop()

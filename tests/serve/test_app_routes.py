@@ -124,6 +124,7 @@ def test_info(api: FlaskClient, serve_env: Served) -> None:
         assert info[key] == getattr(serve_env.config, key)
     assert info["max_batch_total_tokens"] == 4096
     assert info["router"] == "text-generation-router" and info["version"]
+    assert info["model_implementation"] == "native"
 
 
 def test_models(api: FlaskClient) -> None:

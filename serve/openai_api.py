@@ -149,7 +149,7 @@ class OpenAIApi:
         reason = finish_reason(r.finish_reason)
         if plan.tools is None:
             return AssistantMessage(content=r.generated_text), reason
-        answer = read(r.generated_text, complete=r.finish_reason == "eos_token")
+        answer = read(r.generated_text)
         if isinstance(answer, str):
             return AssistantMessage(content=answer), reason
         call = ToolCallOut(id=call_id(), function=FunctionCall(name=answer.name, arguments=answer.arguments))

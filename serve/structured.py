@@ -107,6 +107,18 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return functions
 
 
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with every document-relative `$ref` ("#...") made relative to `base` (where it now lives)."""
+    if isinstance(schema, dict):
+        return {
+            k: base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, base)
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    return schema
+
+
 def _choice(tool_choice: str | dict[str, Any] | None, has_tools: bool) -> str | tuple[str]:
     """ "none" | "auto" | "required" | (function name,)."""
     if tool_choice is None:
@@ -142,10 +154,13 @@ def tool_plan(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, A
         names: tuple[str, ...] = choice
     else:
         names = tuple(functions)
+    # Each function's parameters schema lives in the root's $defs, so its own root-relative refs ("#/$defs/Pet",
+    # as the openai SDK writes nested pydantic models; "#" for recursion) still resolve once rebased there.
+    defs = {f"fn_{name}": _rebased(functions[name], f"#/$defs/fn_{name}") for name in names}
     options: list[dict[str, Any]] = [
         {
             "type": "object",
-            "properties": {"name": {"const": name}, "arguments": functions[name]},
+            "properties": {"name": {"const": name}, "arguments": {"$ref": f"#/$defs/fn_{name}"}},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -160,5 +175,5 @@ def tool_plan(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, A
                 "additionalProperties": False,
             }
         )
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    schema = {**options[0], "$defs": defs} if len(options) == 1 else {"anyOf": options, "$defs": defs}
     return ToolPlan(list(tools), checked(_schema(schema, "`tools`")), names)

@@ -44,13 +44,14 @@ def parse(text: str) -> ToolCall | str | None:
     return None
 
 
-def read(text: str, complete: bool) -> ToolCall | str:
+def read(text: str) -> ToolCall | str:
     """An output as a client gets it: a call (whose arguments, when cut short, are the text there is), or text (a
-    text answer's content, decoded as far as it goes; any other output as it is). `complete`: it ended on EOS."""
-    if complete:
-        whole = parse(text)
-        if whole is not None:
-            return whole
+    text answer's content, decoded as far as it goes; any other output as it is). A whole call or answer reads as
+    one however the request ended (a budget or stop sequence may end it right after the closing brace), as
+    ToolStream.finish reads it."""
+    whole = parse(text)
+    if whole is not None:
+        return whole
     if text.startswith(CALL_PREFIX):
         name_end = text.find(ARGUMENTS_KEY, len(CALL_PREFIX))
         if name_end >= 0:

@@ -114,6 +114,49 @@ def test_tool_calls(api: FlaskClient, choice: object, names: set[str]) -> None:
         _check_call(call, names)
 
 
+
+# What the openai SDK's `pydantic_function_tool` sends for a nested model: root-relative refs into the function's own
+# $defs (and a recursive "#"), which must resolve once the function sits inside the tool-call grammar.
+OWNER = {
+    "$defs": {
+        "Pet": {
+            "type": "object",
+            "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["kind", "age"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {"pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}, "minItems": 1, "maxItems": 2}},
+    "required": ["pets"],
+    "additionalProperties": False,
+}
+TREE = {
+    "type": "object",
+    "properties": {"kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1}},
+    "required": ["kids"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_tools_whose_parameters_use_refs(api: FlaskClient, choice: str) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "owner", "parameters": OWNER}},
+        {"type": "function", "function": {"name": "tree", "parameters": TREE}},
+    ]
+    schemas = {"owner": OWNER, "tree": TREE}
+    body = {**CHAT, "tools": tools, "tool_choice": choice, "max_tokens": 88, "n": 4, "seed": 7}
+    r = api.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.json
+    finished = [c["finish_reason"] for c in r.json["choices"]]
+    for c in r.json["choices"]:
+        if c["finish_reason"] == "tool_calls":
+            (call,) = c["message"]["tool_calls"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    assert set(finished) <= {"tool_calls", "stop", "length"}
+    assert "tool_calls" in finished or choice == "auto", finished
+
 def test_tool_choice_auto_answers_in_text_or_calls(api: FlaskClient) -> None:
     kinds = set()
     for seed in range(6):

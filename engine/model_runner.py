@@ -112,7 +112,8 @@ class ModelRunner:
         return model
 
     def _build_fallback(self, files: ModelFiles) -> torch.nn.Module:
-        """transformers' model on the paged cache (engine/models/transformers_fallback.py): one rank, 16/32-bit."""
+        """transformers' model on the paged cache (engine/models/transformers_fallback.py), 16/32-bit; sharded by its
+        declared tensor-parallel plan on several ranks."""
         from engine.models.transformers_fallback import TransformersCausalLM
 
         if self.quant is not None:
@@ -122,7 +123,9 @@ class ModelRunner:
             )
         arch = (getattr(self.hf_config, "architectures", None) or [self.hf_config.model_type])[0]
         logger.info("model: %s through the transformers fallback (transformers' modelling code, our paged KV)", arch)
-        return TransformersCausalLM.load(files, self.hf_config, self.device, self.dtype, self.config.trust_remote_code)
+        return TransformersCausalLM.load(
+            files, self.hf_config, self.device, self.dtype, self.config.trust_remote_code, self.parallel
+        )
 
     # Facts of the plan, for callers and tests.
     @property

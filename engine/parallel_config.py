@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.device import resolve_device
 from engine.models import model_implementation, tp_shape
+from engine.models.transformers_tp import tp_plan_problem
 
 
 class ParallelConfigError(ValueError):
@@ -69,13 +70,15 @@ def resolve_parallel_config(
     on_gpu = device.type == "cuda"
     if gpu_count is None:
         gpu_count = torch.cuda.device_count() if on_gpu else 0
-    # the transformers fallback runs on one rank: one GPU by default, an error when more are asked for
+    # the transformers fallback shards by the model's declared plan (base_model_tp_plan); without a plan it runs on
+    # one rank: one GPU by default, an error when more are asked for
     fallback = model_implementation(hf_config, config.model_implementation) == "transformers"
-    degree = config.tensor_parallel_size or (max(1, gpu_count) if on_gpu and not fallback else 1)
-    if fallback and degree > 1:
+    why = tp_plan_problem(hf_config) if fallback else None
+    degree = config.tensor_parallel_size or (max(1, gpu_count) if on_gpu and why is None else 1)
+    if why is not None and degree > 1:
         raise ParallelConfigError(
-            f"tensor-parallel degree {degree}: this model is served through the transformers fallback, which runs on "
-            "one GPU (set SM_NUM_GPUS / tensor_parallel_size to 1)"
+            f"tensor-parallel degree {degree}: this model is served through the transformers fallback, which cannot "
+            f"shard it: {why} (set SM_NUM_GPUS / tensor_parallel_size to 1)"
         )
     if on_gpu:
         check_gpu_count(degree, gpu_count)
@@ -84,7 +87,7 @@ def resolve_parallel_config(
                 f"device {config.device!r} names one GPU, but tensor-parallel degree {degree} uses cuda:0..{degree - 1}"
                 "; use device 'cuda' or 'auto' (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
             )
-    if not fallback:
+    if degree > 1 or not fallback:
         check_model_divides(hf_config, degree)
     return ParallelConfig(
         world_size=degree,

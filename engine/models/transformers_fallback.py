@@ -19,7 +19,8 @@ from torch import nn
 
 from engine.layers.attention import Attention
 from engine.model_source import ModelFiles
-from engine.models.base import CausalLM
+from engine.models.base import CausalLM, num_kv_heads_of
+from engine.parallel import SINGLE_RANK, ParallelState
 
 ATTN_IMPLEMENTATION = "engine_paged"
 _LAYER = "_engine_paged_attention"  # each transformers attention module's Attention, kept out of its submodules
@@ -42,7 +43,8 @@ def _paged_attention(
         return query.new_zeros(query.shape).transpose(1, 2), None
     layer: Attention = module.__dict__[_LAYER]
     dtype = layer.k_cache.dtype
-    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))  # [T, heads, D]
+    # [T, heads, D] with canonical strides (a one-head tensor's `contiguous()` may keep the transpose's head stride)
+    q, k, v = (x[0].transpose(0, 1).to(dtype).clone(memory_format=torch.contiguous_format) for x in (query, key, value))
     return layer(q, k, v).unsqueeze(0), None
 
 
@@ -104,19 +106,29 @@ class TransformersCausalLM(CausalLM):
 
     @classmethod
     def load(
-        cls, files: ModelFiles, hf_config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+        cls,
+        files: ModelFiles,
+        hf_config,
+        device: torch.device,
+        dtype: torch.dtype,
+        trust_remote_code: bool = False,
+        parallel: ParallelState = SINGLE_RANK,
     ) -> TransformersCausalLM:
-        """Build and load the checkpoint with transformers (its loader knows every architecture's names), then probe
-        one forward pass to learn each attention module's heads and options; ValueError (one line) when the model
-        cannot run on the paged cache."""
+        """Build and load the checkpoint with transformers (its loader knows every architecture's names), shard it
+        by the model's declared plan when `parallel` has several ranks (loaded on the CPU, then this rank's shard
+        moves to `device`), then probe one forward pass to learn each attention module's heads and options;
+        ValueError (one line) when the model cannot run on the paged cache."""
         from transformers import AutoModelForCausalLM
+
+        from engine.models.transformers_tp import shard
 
         _register()
         arch = (getattr(hf_config, "architectures", None) or [hf_config.model_type])[0]
+        load_on = device if parallel.world_size == 1 else torch.device("cpu")  # several ranks: shard, then move
         try:
             hf, info = AutoModelForCausalLM.from_pretrained(
                 files.directory, config=copy.deepcopy(hf_config), gguf_file=files.gguf_file, dtype=dtype,
-                device_map={"": device}, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=trust_remote_code,
+                device_map={"": load_on}, attn_implementation=ATTN_IMPLEMENTATION, trust_remote_code=trust_remote_code,
                 output_loading_info=True,
             )  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
@@ -130,7 +142,13 @@ class TransformersCausalLM(CausalLM):
         if not getattr(hf, "_supports_attention_backend", False):
             raise ValueError(f"the transformers fallback cannot serve {arch}: {type(hf).__name__} does not route its "
                              "attention through transformers' attention interface")  # fmt: skip
-        return cls(hf.eval(), _paged_layers(hf, arch, device))
+        if parallel.world_size > 1:
+            try:
+                shard(hf.base_model, hf.config, parallel)
+            except ValueError as e:
+                raise ValueError(f"the transformers fallback cannot shard {arch}: {e}") from e
+            hf.to(device)
+        return cls(hf.eval(), _paged_layers(hf, arch, device, parallel.world_size))
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, sample_rows: torch.Tensor | None = None
@@ -160,15 +178,25 @@ class TransformersCausalLM(CausalLM):
         """transformers' norms and activations stay as they are."""
 
 
-def _paged_layers(hf: nn.Module, arch: str, device: torch.device) -> list[Attention]:
-    """Run two tokens through the model, recording every attention call; build each module's Attention from it."""
-    layers_expected = int(getattr(hf.config.get_text_config(), "num_hidden_layers", 0) or 0)
-    with _recording() as calls, torch.inference_mode():
-        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-        hf(input_ids=ids, position_ids=torch.arange(2, device=device).unsqueeze(0), use_cache=False, logits_to_keep=1)
+def _paged_layers(hf: nn.Module, arch: str, device: torch.device, world: int = 1) -> list[Attention]:
+    """Run two tokens through the model, recording every attention call; build each module's Attention from it.
+    Several ranks: each attention call must see this rank's share of the heads."""
+    text = hf.config.get_text_config()
+    layers_expected = int(getattr(text, "num_hidden_layers", 0) or 0)
 
     def refuse(why: str) -> ValueError:
         return ValueError(f"the transformers fallback cannot serve {arch}: {why}")
+
+    with _recording() as calls, torch.inference_mode():
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        try:
+            hf(input_ids=ids, position_ids=torch.arange(2, device=device).unsqueeze(0), use_cache=False,
+               logits_to_keep=1)  # fmt: skip
+        except RuntimeError as e:
+            if world == 1:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise refuse(f"its forward pass fails once sharded by its tensor-parallel plan: {first}") from e
 
     modules = {id(call[0]) for call in calls}
     if not calls or len(modules) != len(calls):
@@ -187,6 +215,9 @@ def _paged_layers(hf: nn.Module, arch: str, device: torch.device) -> list[Attent
         if k_shape != v_shape or q_shape[-1] != k_shape[-1]:
             raise refuse(f"its query / key / value head sizes differ ({q_shape[-1]}, {k_shape[-1]}, {v_shape[-1]})")
         heads, kv_heads, head_dim = q_shape[1], k_shape[1], k_shape[-1]
+        if world > 1 and (heads, kv_heads) != _rank_heads(text, world):
+            raise refuse(f"its tensor-parallel plan leaves {heads} query / {kv_heads} key/value heads on a rank, "
+                         f"not {_rank_heads(text, world)}")  # fmt: skip
         scale = kwargs.get("scaling")
         layer = Attention(
             heads, kv_heads, head_dim, scale=head_dim**-0.5 if scale is None else float(scale),
@@ -197,3 +228,9 @@ def _paged_layers(hf: nn.Module, arch: str, device: torch.device) -> list[Attent
     if len({(a.num_kv_heads, a.head_dim) for a in layers}) > 1:
         raise refuse("its layers have different key/value shapes (the KV cache holds one shape)")
     return layers
+
+
+def _rank_heads(text_config, world: int) -> tuple[int, int]:
+    """(query, key/value) heads one of `world` ranks attends with: key/value heads replicated when fewer."""
+    kv = int(num_kv_heads_of(text_config))
+    return int(text_config.num_attention_heads) // world, max(1, kv // world)

@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine import LLM
 from engine.models.transformers_fallback import unsupported_reason
-from engine.parallel_config import ParallelConfigError
 from tests.support.fallback_models import FALLBACK_SPECS
 from tests.support.family_models import LLAMA_LIKE, FamilySpec
 from tests.support.oracle import Engines, Oracle
@@ -148,9 +147,8 @@ def test_attention_options_the_paged_path_lacks_are_refused(tiny_models: TinyMod
 
 
 def test_what_the_fallback_does_not_do(tiny_models: TinyModels) -> None:
+    """Tensor parallelism (by the model's declared plan) and its refusals: test_transformers_fallback_tp.py."""
     path = tiny_models("olmo")
-    with pytest.raises(ParallelConfigError, match="transformers fallback, which runs on one GPU"):
-        LLM(str(path), dtype="float32", tensor_parallel_size=2)
     assert "not supported through the transformers fallback" in _one_line_error(path, quantize="int8")
     assert "'OlmoForCausalLM'" in _one_line_error(path, model_implementation="native")
 

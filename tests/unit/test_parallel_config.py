@@ -1,6 +1,7 @@
 """The tensor-parallel plan without processes: which degrees divide a model (one-line errors naming the numbers
-and the degrees that work), the GPU-count check with the count injected, threads per rank, the rendezvous
-port from a range, and the lazy safetensors slices each rank reads its part through.
+and the degrees that work), the GPU-count check with the count injected, the transformers fallback's degrees (by
+its declared plan), threads per rank, the rendezvous port from a range, and the lazy safetensors slices each rank
+reads its part through.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from engine.weight_slice import TensorSlice, materialize, narrow_clamped
 
 def hf(heads: int, kv_heads: int, intermediate: int) -> SimpleNamespace:
     return SimpleNamespace(
-        architectures=["LlamaForCausalLM"],  # native: the transformers fallback would run on one rank
+        architectures=["LlamaForCausalLM"],  # native (the fallback's degrees: test below)
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
@@ -74,6 +75,21 @@ def test_more_ranks_than_visible_gpus_is_refused() -> None:
     assert (auto.world_size, auto.backend) == (4, "nccl")  # unset: every visible GPU
     with pytest.raises(ParallelConfigError, match="names one GPU"):
         resolve_parallel_config(EngineConfig(tensor_parallel_size=2), model, device=torch.device("cuda:1"), gpu_count=2)
+
+
+def test_the_fallback_uses_every_gpu_only_where_the_model_declares_a_tensor_parallel_plan() -> None:
+    from transformers import AutoConfig
+
+    cuda = torch.device("cuda")
+    shape = dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=256)
+    planned, unplanned = AutoConfig.for_model("olmo", **shape), AutoConfig.for_model("olmo2", **shape)
+    unset = EngineConfig(tensor_parallel_size=None)
+    assert resolve_parallel_config(unset, planned, device=cuda, gpu_count=4).world_size == 4
+    assert resolve_parallel_config(unset, unplanned, device=cuda, gpu_count=4).world_size == 1
+    with pytest.raises(ParallelConfigError, match=r"^tensor-parallel degree 2: .*fallback, which cannot shard it: "):
+        resolve_parallel_config(EngineConfig(tensor_parallel_size=2), unplanned, device=cuda, gpu_count=4)
+    with pytest.raises(ParallelConfigError, match="does not divide the model"):
+        resolve_parallel_config(EngineConfig(tensor_parallel_size=3), planned, device=cuda, gpu_count=4)
 
 
 def test_cpu_plan_is_gloo_and_one_rank_by_default() -> None:

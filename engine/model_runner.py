@@ -25,7 +25,7 @@ from engine.model_source import ModelFiles
 from engine.models import get_model_class, model_implementation
 from engine.parallel import SINGLE_RANK, ParallelState, building_with
 from engine.plan import ExecutionPlan, resolve_plan, resolve_quant_kernel
-from engine.quant.config import resolve_quantization
+from engine.quant.config import checkpoint_method, resolve_quantization
 from engine.quant.layer import QuantBuild, building_quantized, finish
 from engine.quant.report import weight_bytes
 from engine.scheduler import ScheduledBatch
@@ -57,6 +57,12 @@ class ModelRunner:
         self.implementation = model_implementation(hf_config, config.model_implementation)
         # the fallback serves a GGUF file dequantized unless a quantization is asked for (which it then refuses)
         requested = "none" if self.implementation == "transformers" and config.quantize is None else config.quantize
+        method, _ = checkpoint_method(hf_config)
+        if self.implementation == "transformers" and method is not None:
+            raise ValueError(
+                f"a {method} checkpoint is not supported through the transformers fallback; serve an unquantized "
+                "checkpoint of this model"
+            )
         self.quant = resolve_quantization(
             requested, hf_config, bool(files.gguf_file), self.device, group_size=config.quant_group_size
         )
@@ -72,6 +78,8 @@ class ModelRunner:
         head_dim = layers[0].head_dim
         plan = resolve_plan(config, self.device, self.dtype, head_dim, self.block_size, options, graphs_allowed, quant)
         plan = dataclasses.replace(plan, model=self.implementation)
+        if self.implementation == "transformers":  # transformers' own linears and norms: none of the CPU fast paths
+            plan = dataclasses.replace(plan, cpu_gemm=None, fused_ops=False, decoder_stack=False)
         if plan.cpu_gemm is not None:
             model.pack_for_cpu(gemm_kernel=plan.cpu_gemm)  # 16-bit: the GEMM kernel's panels or oneDNN's
         if parallel.rank == 0:
@@ -232,7 +240,10 @@ class ModelRunner:
             self.model.begin_step(step)
         with attention_metadata(tensors.meta):
             if getattr(self.model, "computes_logits", False):  # the transformers fallback: its own head, sampling rows
-                logits = self.model(tensors.input_ids, tensors.positions, tensors.sample_rows)
+                rows = tensors.sample_rows
+                if not step.sample_rows:  # no row samples (a prompt's middle chunk): no head at all, not every row's
+                    rows = torch.empty(0, dtype=torch.long, device=tensors.input_ids.device)
+                logits = self.model(tensors.input_ids, tensors.positions, rows)
                 return (logits if self.plan.fused_ops else logits.float()) if step.sample_rows else None
             hidden = self.model(tensors.input_ids, tensors.positions)
         if not step.sample_rows:

@@ -41,7 +41,7 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         matmul = {None: "cublas", True: "gemm_kernel", False: "onednn"}[self.cpu_gemm]
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        if self.device.type == "cpu" and (self.dtype == torch.float32 or self.cpu_gemm is None):
             matmul = "torch"
         graphs = f"on({self.cuda_graphs[0]}..{self.cuda_graphs[-1]})" if self.cuda_graphs else "off"
         dtype = str(self.dtype).removeprefix("torch.")

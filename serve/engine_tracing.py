@@ -51,8 +51,10 @@ class EngineSpans:
         links = []
         for item in batch.scheduled:
             span = self._open.get(item.seq.request_id)
-            if span is not None:
+            if span is not None and span.is_recording():  # a sampled request (a dropped one needs no step span)
                 links.append(Link(span.get_span_context()))
+        if not links:  # no sampled request in the step: no span (one root trace per step would flood the exporter)
+            return
         attributes = {
             "llm.batch.size": len(batch.decodes) + len(batch.prefills),
             "llm.batch.decode_requests": len(batch.decodes),

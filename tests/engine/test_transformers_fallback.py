@@ -79,6 +79,8 @@ def test_fallback_in_bf16_is_as_close_to_float32_as_transformers_bf16(
 ) -> None:
     """bf16 on the CPU backend the plan picks (the paired cache layout, the compiled K/V write)."""
     llm = engines("cohere", dtype="bfloat16", max_batch_total_tokens=4096)
+    described = llm.engine.runner.plan.describe()  # transformers' linears and norms run: no CPU fast path is claimed
+    assert "matmul=torch" in described and "fused_ops=off" in described and "decoder_stack=off" in described
     hf16 = AutoModelForCausalLM.from_pretrained(tiny_models("cohere"), dtype=torch.bfloat16).eval()
     ours = theirs = 0.0
     for out in llm.generate(PROMPTS, greedy(12)):
@@ -144,6 +146,29 @@ def test_attention_options_the_paged_path_lacks_are_refused(tiny_models: TinyMod
     )
     message = _one_line_error(tiny_models("gpt_oss", spec))
     assert "cannot serve GptOssForCausalLM" in message and "s_aux" in message
+
+
+def test_triton_prefill_chunks_that_sample_nothing_compute_no_logits(engines: Engines, oracle: Oracle) -> None:
+    """A prompt's middle chunk samples no row: the head must see no row (not every row, transformers' 0)."""
+    llm = engines("olmo", attention_backend="triton", **TIGHT)
+    rows: list[int] = []
+    hook = llm.engine.runner.model.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
+    try:
+        prompt = random_prompt(90, seed=3)  # chunks of 32: the first two sample nothing
+        (out,) = llm.generate([prompt], greedy(4))
+    finally:
+        hook.remove()
+    assert out.token_ids == oracle.greedy("olmo", prompt, 4)
+    assert rows[:2] == [0, 0] and max(rows) == 1, rows
+
+
+def test_a_quantized_checkpoint_is_refused_naming_the_fallback(tiny_models: TinyModels, tmp_path: Path) -> None:
+    path = tmp_path / "model"
+    shutil.copytree(tiny_models("olmo"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert "a gptq checkpoint is not supported through the transformers fallback" in _one_line_error(path)
 
 
 def test_what_the_fallback_does_not_do(tiny_models: TinyModels) -> None:

@@ -171,6 +171,7 @@ def test_a_broken_grammar_fails_its_request_alone(engines: Engines) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+@pytest.mark.integration
 def test_two_tensor_parallel_ranks_give_the_constrained_tokens_of_one(engines: Engines, tiny_models) -> None:
     """Masks are applied on rank 0, where sampling is: two ranks (gloo) give one rank's constrained tokens. The model
     has one vocabulary row more than its tokenizer: that id is never allowed."""

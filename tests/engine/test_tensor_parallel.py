@@ -42,6 +42,7 @@ def weight_count(llm: LLM) -> int:
     return sum(p.numel() for p in llm.engine.runner.model.parameters())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(TP_SPECS))
 def test_two_ranks_give_the_tokens_of_one_rank_and_transformers(
     name: str, tiny_models: TinyModels, engines: Engines, oracle: Oracle
@@ -67,6 +68,7 @@ def test_each_rank_reads_only_its_slices_of_safetensors(tiny_models: TinyModels)
     assert weights and all(isinstance(w, TensorSlice) for w in weights.values())  # nothing read yet
 
 
+@pytest.mark.integration
 def test_a_rank_killed_while_idle_fails_the_health_check_naming_it(tiny_models: TinyModels) -> None:
     """What the server's loop checks every second; a rank killed mid-step: tests/serve/test_process_tensor_parallel."""
     with LLM(model_path(tiny_models, "llama_gqa"), tensor_parallel_size=2, **CONFIG) as llm:
@@ -82,6 +84,7 @@ def test_a_rank_killed_while_idle_fails_the_health_check_naming_it(tiny_models: 
         assert not llm.engine.has_unfinished_requests()  # the failed call aborted its request
 
 
+@pytest.mark.integration
 def test_a_hung_rank_fails_the_engine_within_the_collective_timeout(tiny_models: TinyModels) -> None:
     timeout = 8.0
     llm = LLM(model_path(tiny_models, "llama_gqa"), tensor_parallel_size=2, collective_timeout_s=timeout, **CONFIG)

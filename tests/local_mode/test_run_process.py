@@ -29,6 +29,8 @@ from tests.local_mode._runner import (
 from tests.support.serve_process import ROOT, base_env, free_port
 from tests.support.served_app import build_model
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -60,6 +60,7 @@ def _invoke(runtime, body: dict) -> dict:  # noqa: ANN001
 # ---- against the real container ----------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_invoke_endpoint_tgi_and_openai_bodies(runtime) -> None:  # noqa: ANN001
     tgi = _invoke(runtime, {"inputs": PROMPT, "parameters": {"max_new_tokens": N, "do_sample": False}})
     assert isinstance(tgi, list) and isinstance(tgi[0]["generated_text"], str) and tgi[0]["generated_text"]
@@ -68,6 +69,7 @@ def test_invoke_endpoint_tgi_and_openai_bodies(runtime) -> None:  # noqa: ANN001
     assert chat["usage"]["completion_tokens"] >= 1
 
 
+@pytest.mark.integration
 def test_stream_joins_to_the_greedy_answer(runtime) -> None:  # noqa: ANN001
     params = {"max_new_tokens": N, "do_sample": False}
     expected = _invoke(runtime, {"inputs": PROMPT, "parameters": params})[0]["generated_text"]
@@ -83,6 +85,7 @@ def test_stream_joins_to_the_greedy_answer(runtime) -> None:  # noqa: ANN001
     assert len(events) == N
 
 
+@pytest.mark.integration
 def test_container_422_is_a_model_error(runtime) -> None:  # noqa: ANN001
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}
     for call in (runtime.invoke_endpoint, runtime.invoke_endpoint_with_response_stream):
@@ -94,6 +97,7 @@ def test_container_422_is_a_model_error(runtime) -> None:  # noqa: ANN001
         assert "(422)" in response["Error"]["Message"] and response["LogStreamArn"].startswith("arn:aws:logs:")
 
 
+@pytest.mark.integration
 def test_unknown_endpoint_is_a_validation_error(runtime) -> None:  # noqa: ANN001
     for call in (runtime.invoke_endpoint, runtime.invoke_endpoint_with_response_stream):
         with pytest.raises(ClientError) as info:
@@ -203,6 +207,7 @@ def test_dropped_container_stream_is_a_model_stream_error(dropping_container: tu
         assert info.value.response["Error"]["Code"] == "ModelStreamError"
 
 
+@pytest.mark.integration
 def test_real_engine_kill_mid_stream_passes_the_sse_error_through(tmp_path: Path) -> None:
     """serve answers an engine death with an SSE error event and a clean end: PayloadParts, no ModelStreamError."""
     env = base_env(

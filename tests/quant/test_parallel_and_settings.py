@@ -22,6 +22,7 @@ PROMPTS = [random_prompt(n, seed) for n, seed in [(5, 41), (30, 42)]]
 CONFIG = dict(dtype="float32", max_batch_total_tokens=4096)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["gptq", "awq", "fp8", "int4", "int8"])
 def test_two_ranks_give_the_tokens_of_one(method: str, quant_models: QuantModels) -> None:
     """Column-parallel layers split outputs, row-parallel ones inputs on group boundaries (groups of 32 here).
@@ -88,6 +89,7 @@ def test_unsupported_checkpoint_method_is_named(quant_models: QuantModels, tmp_p
         ("QUANTIZE", "base", "fp8", "needs a GPU with FP8"),
     ],
 )
+@pytest.mark.integration
 def test_serve_exits_2_with_one_line_naming_the_variable(
     variable: str, source: str, value: str, message: str, quant_models: QuantModels, tmp_path: Path
 ) -> None:
@@ -101,6 +103,7 @@ def test_serve_exits_2_with_one_line_naming_the_variable(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_serve_reports_the_quantization_in_info_and_the_log(quant_models: QuantModels, tmp_path: Path) -> None:
     """A GPTQ checkpoint served with nothing set: /info names the method and kernel; the log the bytes."""
     import urllib.request

@@ -77,6 +77,7 @@ def test_bad_arguments_exit_2_with_the_reason(capsys: pytest.CaptureFixture[str]
     assert code == 2 and "Neuron" in err
 
 
+@pytest.mark.integration
 def test_invoke_and_stream(runtime_url: str, server: Serve, capsys: pytest.CaptureFixture[str]) -> None:
     status, raw = server.post("/invocations", {"inputs": "Hello", "parameters": {"max_new_tokens": 10}})
     expected = json.loads(raw)[0]["generated_text"]

@@ -35,6 +35,7 @@ def _direct(server: Serve, body: dict) -> object:
     return json.loads(raw)
 
 
+@pytest.mark.integration
 def test_generate_and_stream_answer_as_the_container(predictor: LLMPredictor, server: Serve) -> None:
     expected = _direct(server, {"inputs": PROMPT, "parameters": {"max_new_tokens": N}})[0]["generated_text"]
     assert predictor.generate(PROMPT, max_new_tokens=N) == expected and expected
@@ -44,6 +45,7 @@ def test_generate_and_stream_answer_as_the_container(predictor: LLMPredictor, se
     assert predictor.generate(PROMPT, **seeded) == "".join(predictor.stream(PROMPT, **seeded))
 
 
+@pytest.mark.integration
 def test_chat_and_chat_stream(predictor: LLMPredictor, server: Serve) -> None:
     body = {"messages": CHAT, "max_tokens": N, "temperature": 0}
     expected = _direct(server, body)["choices"][0]["message"]["content"]
@@ -52,6 +54,7 @@ def test_chat_and_chat_stream(predictor: LLMPredictor, server: Serve) -> None:
     assert len(pieces) > 1 and "".join(pieces) == expected
 
 
+@pytest.mark.integration
 def test_container_errors_carry_its_status_and_message(predictor: LLMPredictor) -> None:
     for stream in (False, True):
         with pytest.raises(EndpointError) as info:
@@ -67,6 +70,7 @@ def test_container_errors_carry_its_status_and_message(predictor: LLMPredictor) 
     assert info.value.status == 422 and "not supported" in info.value.message
 
 
+@pytest.mark.integration
 def test_unknown_endpoint_is_the_runtime_apis_error(runtime_url: str) -> None:
     missing = LLMPredictor("missing", Aws(boto3.Session(region_name=REGION), runtime_endpoint_url=runtime_url))
     with pytest.raises(EndpointError) as info:
@@ -107,6 +111,7 @@ def test_sagemaker_session_keeps_user_config_and_opts_out_of_telemetry(tmp_path,
     assert session.sagemaker_config["SageMaker"]["Model"]["EnableNetworkIsolation"] is True
 
 
+@pytest.mark.integration
 def test_async_predictor_over_s3(moto: str, server: Serve) -> None:
     """moto plays SageMaker's async side (it answers from a queue): the body the predictor puts in S3 is sent to the
     real container here, and its answer queued for moto to write where the predictor polls."""

@@ -30,7 +30,10 @@ from engine import LLM, RequestOutput, SamplingParams
 from tests.support.serve_process import Serve, base_env, free_port, running_serve
 from tests.support.served_app import build_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation")  # its pydantic v1 calls
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation"),  # its pydantic v1 calls
+]
 
 PROMPT = "The quick brown fox"
 PROMPTS = [PROMPT, "Paris is the capital of", "Once upon a time", "héllo wörld 東京"]

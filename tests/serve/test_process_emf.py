@@ -9,9 +9,13 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.serve.emf_spec import validate_line
 from tests.support.serve_process import running_serve
 from tests.support.served_app import build_model
+
+pytestmark = pytest.mark.integration
 
 N = 8
 PROMPTS = ["The quick brown fox", "Paris is", "Once upon a time", "héllo"]

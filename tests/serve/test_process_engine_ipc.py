@@ -32,6 +32,8 @@ from serve.ipc import Addresses, EngineFacts
 from serve.zmq_client import ZmqEngineClient
 from tests.support.serve_process import write_chain_model
 
+pytestmark = pytest.mark.integration
+
 INFO = ModelInfo("chain", "float32", "cpu", 100, 200, 1000, 100, 2, [1])
 
 

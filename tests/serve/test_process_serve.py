@@ -22,6 +22,8 @@ import pytest
 from tests.support.serve_process import Serve, base_env, free_port, wait_gone, write_chain_model
 from tests.support.sse import sse_line
 
+pytestmark = pytest.mark.integration
+
 CONTEXT = 4096  # long streams: the chain model never stops before max_new_tokens
 
 

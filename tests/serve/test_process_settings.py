@@ -15,6 +15,8 @@ from container.variables import VARIABLES, VARIABLES_BY_NAME
 from engine.config import EngineConfig
 from tests.support.serve_process import base_env, run_serve, write_chain_model
 
+pytestmark = pytest.mark.integration
+
 try:
     from engine.default_model import default_model_path
 

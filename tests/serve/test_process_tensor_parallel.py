@@ -25,6 +25,8 @@ from tests.support.serve_process import (
 )
 from tests.support.tiny_models import TinyModels
 
+pytestmark = pytest.mark.integration
+
 PROMPTS = ["The quick brown fox", "héllo wörld", "Paris is the capital of"]
 
 

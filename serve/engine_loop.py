@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serve.engine_protocol import (
+    REQUEST_CLOCK,
     EngineError,
     EngineRequest,
     EngineStats,
@@ -37,19 +37,13 @@ class EngineFailed(RuntimeError):
     """A step failed (the model or the device): every request in flight got a GenerationError; the engine is done."""
 
 
-@dataclass
-class _InFlight:
-    request: EngineRequest
-    added_wall: float  # time.time() at add_request
-
-
 class EngineLoop:
     def __init__(
         self, engine: LLMEngine, max_concurrent_requests: int, deliver: Deliver, spans: EngineSpans | None = None
     ) -> None:
         self.engine, self.max_concurrent_requests, self.deliver = engine, max_concurrent_requests, deliver
         self.spans = spans  # tracing on: the engine's spans (serve/engine_tracing.py); None: no tracing work at all
-        self.in_flight: dict[Key, _InFlight] = {}
+        self.in_flight: dict[Key, EngineRequest] = {}
         self._ids: dict[str, Key] = {}  # engine request id -> transport key
         self.draining = False
 
@@ -73,10 +67,10 @@ class EngineLoop:
             logger.exception("add_request failed")
             self.deliver(key, GenerationError(f"{type(e).__name__}: {e}"))
             return False
-        self.in_flight[key] = _InFlight(request, time.time())
+        self.in_flight[key] = request
         self._ids[rid] = key
         if self.spans is not None:
-            self.spans.started(rid, request, self.in_flight[key].added_wall)
+            self.spans.started(rid, request, REQUEST_CLOCK())
         return True
 
     def abort(self, key: Key) -> None:
@@ -113,8 +107,8 @@ class EngineLoop:
             spans.step(self.engine, started_ns)
         for out in outputs:
             key = self._ids.get(out.request_id)
-            record = None if key is None else self.in_flight.get(key)
-            if record is None:
+            request = None if key is None else self.in_flight.get(key)
+            if request is None:
                 continue
             if spans is not None:
                 spans.output(out.request_id, out)
@@ -124,7 +118,7 @@ class EngineLoop:
             if out.error is not None:  # this request alone failed; the engine goes on
                 self.deliver(key, GenerationError(failure_message(out.error)))
             else:
-                self.deliver(key, token_event(record.request, record.added_wall, out))
+                self.deliver(key, token_event(request, out))
 
     def check_health(self) -> None:
         """Between steps: a tensor-parallel rank that died while the engine idled fails it (EngineFailed)."""

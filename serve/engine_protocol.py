@@ -8,11 +8,16 @@ LLMEngine, and workers never touch a model.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sampling_params import SamplingParams
+
+# Request timing uses one clock, time.monotonic: the HTTP arrival (worker), token arrivals (worker) and the engine's
+# RequestMetrics (engine process) all subtract. CLOCK_MONOTONIC is one clock for every process on the host.
+REQUEST_CLOCK = time.monotonic
 
 
 class EngineError(Exception):
@@ -45,7 +50,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float  # time.time() when the HTTP request arrived
+    arrival_time: float  # time.monotonic() when the HTTP request arrived (see REQUEST_CLOCK)
     trace_context: dict[str, str] | None = None  # W3C traceparent/tracestate of the HTTP span (tracing on)
 
 
@@ -63,7 +68,8 @@ class TokenEvent:
     generated_text: str | None = None  # the whole text, on the final event
     num_generated_tokens: int = 0
     seed: int | None = None
-    # Timings on the final event, seconds: queue (arrival -> first scheduled), first token, total.
+    # Timings on the final event, seconds from the HTTP arrival: queue (-> first scheduled), first_token, total;
+    # inference (first scheduled -> finished). Computed by serve.ipc.token_event only.
     timings: dict[str, float] = field(default_factory=dict)
 
 

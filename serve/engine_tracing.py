@@ -29,7 +29,7 @@ class EngineSpans:
         self._open: dict[str, Any] = {}  # request id -> its engine.request span, until it finishes
         self._metrics: dict[str, RequestMetrics] = {}  # request id -> the engine's timestamps (once it produced)
 
-    def started(self, rid: str, request: EngineRequest, added_wall: float) -> None:
+    def started(self, rid: str, request: EngineRequest, added: float) -> None:
         parent = self.tracing.extract(getattr(request, "trace_context", None))
         attributes = {
             "llm.request_id": request.request_id,
@@ -37,7 +37,7 @@ class EngineSpans:
             "gen_ai.request.max_tokens": request.params.max_new_tokens,
         }
         self._open[rid] = self.tracer.start_span(
-            "engine.request", context=parent, kind=SpanKind.CONSUMER, start_time=wall_ns(added_wall),
+            "engine.request", context=parent, kind=SpanKind.CONSUMER, start_time=wall_ns(added),
             attributes=attributes,
         )  # fmt: skip
 

@@ -189,21 +189,22 @@ class Handover:
         return self._serving
 
 
-def token_event(request: EngineRequest, added_wall: float, out: RequestOutput) -> TokenEvent:
-    """The TokenEvent for one RequestOutput; the final one carries timings from the HTTP arrival (seconds)."""
+def token_event(request: EngineRequest, out: RequestOutput) -> TokenEvent:
+    """The TokenEvent for one RequestOutput; the final one carries timings from the HTTP arrival (seconds).
+
+    The engine's RequestMetrics and `request.arrival_time` are on the one REQUEST_CLOCK, so they subtract directly.
+    """
     timings: dict[str, float] = {}
     m = out.metrics
     if out.finished and m is not None and m.finished_time is not None:
-        transit = max(0.0, added_wall - request.arrival_time)  # HTTP arrival -> add_request
+        arrival = min(request.arrival_time, m.arrival_time)  # the HTTP arrival precedes add_request
         scheduled = m.first_scheduled_time if m.first_scheduled_time is not None else m.arrival_time
         first_token = m.first_token_time if m.first_token_time is not None else m.finished_time
-        inference = m.finished_time - scheduled
         timings = {
-            "queue": transit + scheduled - m.arrival_time,
-            "first_token": transit + first_token - m.arrival_time,
-            "inference": inference,
-            "total": transit + m.finished_time - m.arrival_time,
-            "time_per_token": inference / max(1, out.num_generated_tokens),
+            "queue": scheduled - arrival,
+            "first_token": first_token - arrival,
+            "inference": m.finished_time - scheduled,
+            "total": m.finished_time - arrival,
         }
     return TokenEvent(
         request_id=request.request_id,

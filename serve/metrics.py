@@ -142,7 +142,7 @@ class Metrics:
         if rec.inference_s is not None:
             self.inference.observe(rec.inference_s)
             if rec.generated_tokens:
-                self.time_per_token.observe(rec.inference_s / rec.generated_tokens)
+                self.time_per_token.observe(rec.time_per_token_s(rec.inference_s))
         if rec.ttft_s is not None:
             self.ttft.observe(rec.ttft_s)
         for gap in rec.inter_token_s:

@@ -71,7 +71,7 @@ class OpenAIApi:
         self.fingerprint = system_fingerprint
 
     def _start(self, plan: OpenAIPlan, record: RequestRecord) -> list[RequestStream]:
-        record.validated = time.perf_counter()
+        record.validation_done()
         record.prompt_tokens = sum(len(ids) for ids in plan.prompts)
         record.max_new_tokens = max(p.max_new_tokens for p in plan.params)
         if self.s.config.log_prompts:

@@ -4,8 +4,9 @@ the metrics, the access log and TGI's timing response headers (`timing_headers`)
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+
+from serve.engine_protocol import REQUEST_CLOCK
 
 
 @dataclass
@@ -15,10 +16,9 @@ class RequestRecord:
     request_id: str
     route: str
     method: str
-    arrival: float = field(default_factory=time.time)  # wall clock, as EngineRequest.arrival_time
-    start: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=REQUEST_CLOCK)  # becomes EngineRequest.arrival_time
     generation: bool = False
-    validated: float | None = None  # perf_counter when validation finished
+    validated: float | None = None  # REQUEST_CLOCK when validation finished
     prompt_tokens: int = 0
     generated_tokens: int = 0
     max_new_tokens: int | None = None
@@ -36,13 +36,20 @@ class RequestRecord:
     trace_context: dict[str, str] | None = None  # tracing on: the HTTP span's W3C context, for the engine's spans
     done: bool = False
 
+    def validation_done(self) -> None:
+        self.validated = REQUEST_CLOCK()
+
     @property
     def elapsed_s(self) -> float:
-        return time.perf_counter() - self.start
+        return REQUEST_CLOCK() - self.arrival
 
     @property
     def validation_s(self) -> float:
-        return (self.validated or self.start) - self.start
+        return (self.validated or self.arrival) - self.arrival
+
+    def time_per_token_s(self, inference_s: float) -> float:
+        """Inference time per generated token (TGI's mean time per token); 0 without tokens."""
+        return inference_s / self.generated_tokens if self.generated_tokens else 0.0
 
 
 def timing_headers(record: RequestRecord, compute_type: str, characters: int) -> dict[str, str]:
@@ -51,7 +58,7 @@ def timing_headers(record: RequestRecord, compute_type: str, characters: int) ->
     validation = record.validation_s
     queue = record.queue_s or 0.0
     inference = record.inference_s if record.inference_s is not None else max(0.0, total - validation - queue)
-    per_token = inference / record.generated_tokens if record.generated_tokens else 0.0
+    per_token = record.time_per_token_s(inference)
 
     def ms(seconds: float) -> str:
         return str(int(seconds * 1000))

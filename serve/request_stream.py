@@ -6,11 +6,10 @@ response byte; `close()` aborts an unfinished request. Event arrival times feed 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from serve.engine_protocol import EngineClient, EngineRequest, GenerationError, TokenEvent
+from serve.engine_protocol import REQUEST_CLOCK, EngineClient, EngineRequest, GenerationError, TokenEvent
 from serve.request_record import RequestRecord
 from serve.streaming import error_event
 
@@ -46,7 +45,7 @@ class RequestStream:
         self._events = client.generate(request)
         self._first: TokenEvent | None = None
         self._closed = False
-        self.first_token_at: float | None = None  # time.time()
+        self.first_token_at: float | None = None  # REQUEST_CLOCK, as RequestRecord.arrival
         self.last_token_at: float | None = None
         self.inter_token_s: list[float] = []
         self.num_tokens = 0
@@ -64,7 +63,7 @@ class RequestStream:
         self._record(self._first)
 
     def _record(self, event: TokenEvent) -> None:
-        now = time.time()
+        now = REQUEST_CLOCK()
         n = len(event.token_ids)
         if self.first_token_at is None:
             self.first_token_at = now

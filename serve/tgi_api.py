@@ -6,7 +6,6 @@ and returns the one with the highest mean token logprob (TGI's rule), the rest i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 from flask import Response, jsonify
@@ -50,7 +49,7 @@ class TgiApi:
     def _validate(self, body: GenerateRequest, record: RequestRecord, stream: bool, compat: bool) -> TgiPlan:
         default_full_text = compat and self.s.config.default_return_full_text
         plan = self.s.validator.tgi(body, stream=stream, default_return_full_text=default_full_text)
-        record.validated = time.perf_counter()
+        record.validation_done()
         record.prompt_tokens = len(plan.prompt_token_ids)
         record.max_new_tokens = plan.params.max_new_tokens
         if self.s.config.log_prompts:

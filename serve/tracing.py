@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -149,9 +150,9 @@ def setup(config: TracingConfig | None, role: str) -> Tracing | None:
     return tracing
 
 
-def wall_ns(seconds: float) -> int:
-    """A time.time() value in the nanoseconds spans take."""
-    return int(seconds * 1e9)
+def wall_ns(at: float) -> int:
+    """A REQUEST_CLOCK (time.monotonic) value as the epoch nanoseconds spans take."""
+    return int(at * 1e9) + time.time_ns() - time.monotonic_ns()
 
 
 def trace_id_hex(span: Any) -> str:

@@ -82,7 +82,7 @@ def engine(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
 
 
 def request(rid: str, max_new_tokens: int, prompt: list[int] | None = None) -> EngineRequest:
-    return EngineRequest(rid, prompt or [0, 5, 6], SamplingParams(max_new_tokens=max_new_tokens), time.time())
+    return EngineRequest(rid, prompt or [0, 5, 6], SamplingParams(max_new_tokens=max_new_tokens), time.monotonic())
 
 
 def wait_until(predicate, timeout: float = 10) -> None:

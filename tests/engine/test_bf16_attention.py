@@ -57,6 +57,7 @@ def _agree(got: list[RequestOutput], want: list[RequestOutput]) -> None:
     [{}, {"max_batch_prefill_tokens": 24, "block_size": 16}, {"max_batch_total_tokens": 192, "block_size": 8}],
     ids=["roomy", "chunked", "preempted"],
 )
+@pytest.mark.slow
 def test_paired_kernel_agrees_with_the_twin(config: dict, soft_engines: Engines) -> None:
     kernel = soft_engines(MODEL, dtype="bfloat16", **config)
     twin = soft_engines(MODEL, dtype="bfloat16", cpu_attention_kernels=False, **config)

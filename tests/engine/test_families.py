@@ -42,6 +42,7 @@ def test_tokens_and_logprobs_match_transformers_with_chunks_and_preemption(
 TP_PROMPTS = [random_prompt(n, seed) for n, seed in [(3, 1), (40, 3), (90, 5)]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", [n for n in DECODER_ONLY if FAMILY_SPECS[n].tp])
 def test_two_ranks_give_the_tokens_of_one(name: str, tiny_models: TinyModels, engines: Engines) -> None:
     config = dict(dtype="float32", max_batch_total_tokens=4096, max_batch_prefill_tokens=48)
@@ -106,6 +107,7 @@ def test_every_family_on_cuda_matches_transformers(name: str, engines: Engines, 
     _check_staggered(engines(name, device="cuda", **config), oracle, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma2", "falcon_alibi"])
 def test_triton_computes_the_layer_options(name: str, engines: Engines, oracle: Oracle) -> None:
     """Soft-capping, alternating and plain sliding windows past the window, ALiBi: the Triton kernels (Triton's

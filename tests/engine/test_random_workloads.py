@@ -14,6 +14,8 @@ from engine import RequestOutput, SamplingParams
 from tests.support.oracle import Engines, Oracle
 from tests.support.tiny_models import ORACLE_CONFIGS, greedy, random_prompt
 
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class _Req:

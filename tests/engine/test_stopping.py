@@ -150,6 +150,7 @@ def test_eos_from_generation_config(tiny_models: TinyModels, oracle: Oracle, tok
     assert ignored.token_ids == ref
 
 
+@pytest.mark.slow
 def test_model_eos_token_finishes_and_is_not_in_text(engines: Engines, oracle: Oracle, tokenizer) -> None:
     """Search a few prompts for one where the random model emits </s>; the engine must stop there too."""
     llm = engines("llama_tied")

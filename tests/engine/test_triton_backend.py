@@ -11,6 +11,8 @@ import torch
 from tests.support.oracle import Engines, Oracle
 from tests.support.tiny_models import greedy, random_prompt
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("triton")
 
 MODEL = "llama_gqa"

@@ -63,6 +63,7 @@ def _ref_log_probs(model, prompt: list[int], generated: list[int]) -> torch.Tens
     return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], dim=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", CHECKPOINTS + AT_LOAD)
 def test_twins_give_the_dequantized_weights_logprobs(method: str, quant_models: QuantModels) -> None:
     path, quantize = _model(quant_models, method)

@@ -151,6 +151,7 @@ def test_fp8_scales_per_tensor_channel_and_block() -> None:
     assert torch.equal(dense, f.q.float() * blocks.repeat_interleave(16, 0).repeat_interleave(16, 1))
 
 
+@pytest.mark.slow
 def test_portable_build_matches_the_native_one(portable_build) -> None:
     """csrc/gemm_q.c without AVX-512 (GCC vector extensions, x86-64-v2): the same results as the native build."""
     lib = cpu_kernel.bind_gemm_q(portable_build("gemm_q"))

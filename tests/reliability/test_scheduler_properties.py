@@ -21,7 +21,7 @@ from engine.block_manager import BlockManager
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 # A few shared leading token runs, so prompts often share (and partly share) cached blocks.
 PREFIXES = [[], [7] * 3, [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 60, 61], list(range(100, 117))]

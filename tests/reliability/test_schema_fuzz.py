@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.support.served_app import Served, served
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 
 @pytest.fixture(scope="module")

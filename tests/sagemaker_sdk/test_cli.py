@@ -33,12 +33,14 @@ def test_help_of_each_command(command: str, capsys: pytest.CaptureFixture[str]) 
     assert "--region" in out and "--runtime-endpoint-url" in out
 
 
+@pytest.mark.slow
 def test_module_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "sagemaker_sdk", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and all(command in result.stdout for command in COMMANDS), result.stderr
 
 
+@pytest.mark.slow
 def test_deploy_dashboard_delete(moto: str, capsys: pytest.CaptureFixture[str]) -> None:
     sm = boto3.client("sagemaker", region_name=REGION)
     args = ("deploy", "org/model-8B", "--instance-type", "ml.g4dn.xlarge", "--image-uri", IMAGE, "--role", ROLE,

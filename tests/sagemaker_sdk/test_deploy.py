@@ -18,6 +18,8 @@ from sagemaker_sdk.environment import EnvironmentValidationError
 from serve import emf
 from tests.sagemaker_sdk.fakes import IMAGE, REGION, ROLE
 
+pytestmark = pytest.mark.slow
+
 SAGEMAKER_SDK_ENV = {  # what HuggingFaceModel adds to every container environment
     "SAGEMAKER_PROGRAM": "", "SAGEMAKER_SUBMIT_DIRECTORY": "", "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
     "SAGEMAKER_REGION": REGION,

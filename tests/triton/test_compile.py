@@ -17,6 +17,8 @@ import pytest
 
 from tests.triton.compile_variants import ARCHS, VARIANTS, Variant
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 SPILL_BYTES = 64  # a few bytes of spilled registers in the widest tiles are harmless; hundreds are a bad config
 

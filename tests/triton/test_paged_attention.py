@@ -16,6 +16,8 @@ import torch
 from engine.attention.paged_reference import paged_attention_reference
 from tests.triton.cases import SENTINEL, TOL, check, make_case, run_both
 
+pytestmark = pytest.mark.slow
+
 # name: (q_len per sequence, seq_len per sequence); a query row at position p sees positions <= p
 BATCHES = {
     "decode": ([1, 1, 1, 1], [1, 16, 17, 40]),  # block edges: exactly one block, one more

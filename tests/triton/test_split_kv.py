@@ -14,6 +14,8 @@ import torch
 from engine.attention.triton_config import MAX_KV_SPLITS, choose_num_kv_splits
 from tests.triton.cases import SENTINEL, TOL, check, make_case, run_both
 
+pytestmark = pytest.mark.slow
+
 # decode rows: a one-token context, block edges, a long context, padding both ways (q_len 0; seq_len 0)
 Q_LENS, SEQ_LENS = [1, 1, 1, 0, 1, 1], [1, 17, 150, 0, 0, 64]
 

@@ -175,6 +175,7 @@ def test_paired_kernel_runs_decode_and_prefill_rows_together(block_size: int) ->
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_portable_build_matches_the_native_one(portable_build) -> None:
     """csrc/paired_attention.c without avx512_bf16 (GCC vector extensions only) computes the same thing."""
     portable = cpu_attention_kernels.bind_paired(portable_build("paired_attention"))

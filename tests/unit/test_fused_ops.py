@@ -116,6 +116,7 @@ def test_cache_write(dtype: torch.dtype, paired: bool) -> None:
     assert int((kc != 0).sum()) == int((k != 0).sum()) and int((vc != 0).sum()) == int((v != 0).sum())
 
 
+@pytest.mark.slow
 def test_portable_build_matches_the_native_one(portable_build, monkeypatch) -> None:
     """csrc/fused_ops.c for a baseline x86-64 (the greedy pick's vector extensions without AVX-512) computes the
     same picks, logprobs, norms and activations."""

@@ -89,6 +89,7 @@ def test_the_default_gives_way_to_onednn_on_amx_cpus(monkeypatch) -> None:
     assert cpu_gemm.preferred(None)
 
 
+@pytest.mark.slow
 def test_portable_build_matches_the_native_one(portable_build) -> None:
     """csrc/gemm_bf16.c without avx512_bf16 (GCC vector extensions only) computes the same thing."""
     portable = cpu_gemm.bind_gemm(portable_build("gemm_bf16"))

@@ -92,6 +92,7 @@ def test_batched_equals_twin_over_many_steps() -> None:
         assert a == b, step
 
 
+@pytest.mark.slow
 def test_draws_follow_the_distribution() -> None:
     """argmax(probs / Exp(1)) samples from probs: a chi-square test over 20k draws of the warped distribution."""
     logits = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))

@@ -5,10 +5,13 @@ are reported as such.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.oracle import Engines, Oracle, run_to_completion
 from tests.support.tiny_models import greedy, random_prompt
 
 
+@pytest.mark.slow
 def test_abort_frees_kv_blocks(engines: Engines, oracle: Oracle) -> None:
     llm = engines("llama_gqa", max_batch_total_tokens=512, max_batch_prefill_tokens=32, block_size=16)
     eng, bm = llm.engine, llm.engine.block_manager

@@ -66,6 +66,7 @@ def test_paired_kernel_agrees_with_the_twin(config: dict, soft_engines: Engines)
     _agree(_generate(kernel), _generate(twin))
 
 
+@pytest.mark.slow
 def test_odd_block_size_keeps_the_plain_layout(soft_engines: Engines) -> None:
     config = {"dtype": "bfloat16", "block_size": 1, "max_batch_total_tokens": 512}
     plain = soft_engines(MODEL, **config)
@@ -73,6 +74,7 @@ def test_odd_block_size_keeps_the_plain_layout(soft_engines: Engines) -> None:
     _agree(_generate(plain), _generate(soft_engines(MODEL, cpu_attention_kernels=False, **config)))
 
 
+@pytest.mark.slow
 def test_every_compiled_path_agrees_with_the_torch_paths(soft_engines: Engines) -> None:
     """bf16 with the GEMM kernel, fused ops and paired attention (the CPU default) against oneDNN matmuls, torch
     element-wise ops and the attention twin, all at once."""

@@ -25,6 +25,7 @@ TIGHT = dict(max_batch_total_tokens=256, max_batch_prefill_tokens=32, block_size
 T5_TIGHT = dict(max_batch_total_tokens=96, max_batch_prefill_tokens=8, block_size=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILY_SPECS))
 def test_tokens_and_logprobs_match_transformers_with_chunks_and_preemption(
     name: str, engines: Engines, oracle: Oracle

@@ -166,6 +166,7 @@ def test_model_eos_token_finishes_and_is_not_in_text(engines: Engines, oracle: O
     pytest.fail("no prompt made the reference emit </s>; pick other seeds")
 
 
+@pytest.mark.slow
 def test_eos_kept_in_text_without_skip_special_tokens(engines: Engines, oracle: Oracle, tokenizer) -> None:
     llm = engines("llama_tied")
     prompt = next(

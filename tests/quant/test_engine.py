@@ -87,6 +87,7 @@ def test_twins_give_the_dequantized_weights_logprobs(method: str, quant_models: 
 BF16_TOL = {"bitsandbytes": 0.12}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", CHECKPOINTS + AT_LOAD)
 def test_kernels_in_bfloat16_follow_the_dequantized_weights(method: str, quant_models: QuantModels) -> None:
     """The CPU kernel (int formats; bitsandbytes' own; FP8 dequantized at load) in a bfloat16 engine: teacher-forced

@@ -99,6 +99,7 @@ def test_mid_stream_error_event_raises() -> None:
     assert info.value.message == "Request failed during generation: engine died"
 
 
+@pytest.mark.slow
 def test_sagemaker_session_keeps_user_config_and_opts_out_of_telemetry(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     config = tmp_path / "config.yaml"
     config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  Model:\n    EnableNetworkIsolation: true\n")

@@ -148,6 +148,7 @@ def test_attention_options_the_paged_path_lacks_are_refused(tiny_models: TinyMod
     assert "cannot serve GptOssForCausalLM" in message and "s_aux" in message
 
 
+@pytest.mark.slow
 def test_triton_prefill_chunks_that_sample_nothing_compute_no_logits(engines: Engines, oracle: Oracle) -> None:
     """A prompt's middle chunk samples no row: the head must see no row (not every row, transformers' 0)."""
     llm = engines("olmo", attention_backend="triton", **TIGHT)

@@ -33,6 +33,7 @@ def _weights(llm: LLM) -> int:
     return sum(p.numel() for p in llm.engine.runner.model.parameters())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["olmo", "granite", "cohere_kv1"])
 def test_two_ranks_of_the_fallback_give_the_tokens_of_one_rank_and_transformers(
     name: str, tiny_models: TinyModels, engines: Engines, oracle: Oracle

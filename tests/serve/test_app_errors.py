@@ -204,6 +204,9 @@ def test_overloaded_429(
     started = time.perf_counter()
     assert api.get("/ping").status_code == 200  # the engine loop is stuck in a step, /ping is not
     assert time.perf_counter() - started < 0.5
+    deadline = time.monotonic() + 10  # every refused request has reached the loop's inbox before the step ends
+    while serve_env.client.num_in_flight < 2 + len(over) and time.monotonic() < deadline:
+        time.sleep(0.005)
     gate.set()
     for t in threads + extra:
         t.join(10)

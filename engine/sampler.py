@@ -96,7 +96,10 @@ class _Rows:
         pinned = device.type == "cuda"
         f = torch.tensor(floats, dtype=torch.float32, pin_memory=pinned).to(device, non_blocking=True)
         n = torch.tensor(ints, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
-        built = cls(n[:, 0], f, n[:, 1], n[:, 2:], params, [requests[i].generator for i in rows])
+        # Columns of n are strided views; index_select with a strided index takes an elementwise path (tens of times
+        # slower on CPU), so the index and top_k columns are made contiguous.
+        index, top_k = n[:, 0].contiguous(), n[:, 1].contiguous()
+        built = cls(index, f, top_k, n[:, 2:], params, [requests[i].generator for i in rows])
         masked = [k for k, i in enumerate(rows) if requests[i].allowed is not None]
         if masked:
             bits = torch.stack([requests[rows[k]].allowed for k in masked])  # type: ignore[misc]
@@ -107,17 +110,25 @@ class _Rows:
 
 class Sampler:
     def __init__(self, fused: bool = False) -> None:
-        self.fused = fused  # CPU: all-greedy batches take one compiled pass (cpu_fused_ops.greedy)
+        self.fused = fused  # CPU: greedy rows (with or without a grammar mask) take one compiled pass (cpu_fused_ops)
 
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
         """logits [N, V] (float32; bfloat16 too when fused), one row per request -> one SampleOutput each."""
         plain = [_plain_greedy(r) for r in requests]
         top_n = min(max((r.params.top_n_tokens for r in requests), default=0), logits.shape[1])
-        if self.fused and logits.device.type == "cpu" and any(plain) and not top_n:
-            ids, chosen = cpu_fused_ops.greedy(logits)  # built with finite-math: NaN rows are found apart
+        fusable = [r.params.greedy and not r.params.needs_processing for r in requests]  # plain, or plain + a mask
+        if self.fused and logits.device.type == "cpu" and any(fusable) and not top_n:
+            masked = [i for i, r in enumerate(requests) if fusable[i] and r.allowed is not None]
+            masks, mask_rows = None, None
+            if masked:  # greedy grammar rows: the kernel picks among their allowed ids
+                masks = torch.stack([requests[i].allowed for i in masked])  # type: ignore[misc]
+                mask_rows = [-1] * len(requests)
+                for k, i in enumerate(masked):
+                    mask_rows[i] = k
+            ids, chosen = cpu_fused_ops.greedy(logits, masks, mask_rows)  # finite-math: NaN rows are found apart
             nan_rows = torch.isnan(logits).any(dim=-1).tolist()
             outs = [SampleOutput(i, lp, [], NON_FINITE if nan else None) for i, lp, nan in zip(ids, chosen, nan_rows)]
-            rows = [i for i, p in enumerate(plain) if not p]  # e.g. grammar rows: the plain ones never pay for them
+            rows = [i for i, p in enumerate(fusable) if not p]  # sampled or processed rows; the fused ones never pay
             if rows:
                 for i, out in zip(rows, Sampler()(logits[rows], [requests[i] for i in rows])):
                     outs[i] = out

@@ -33,7 +33,7 @@ def bind_ops(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument types of a build of csrc/fused_ops.c (tests: the portable build)."""
     for op, argtypes in _ARGTYPES.items():
         bind(lib, [f"{op}_{s}" for s in _SUFFIX.values()], argtypes)
-    bind(lib, ["greedy_f32", "greedy_bf16"], [_P, _I64, _I64, _I64, _P, _P, _INT])
+    bind(lib, ["greedy_f32", "greedy_bf16"], [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _INT])
     return lib
 
 
@@ -112,8 +112,13 @@ def cache_kv_(
     )  # fmt: skip
 
 
-def greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """float32 or bfloat16 logits [N, V] -> (first argmax of each row, its log-softmax, computed in float32)."""
+def greedy(
+    logits: torch.Tensor, masks: torch.Tensor | None = None, mask_rows: list[int] | None = None
+) -> tuple[list[int], list[float]]:
+    """float32 or bfloat16 logits [N, V] -> (first argmax of each row, its log-softmax, computed in float32).
+    Grammar rows: `masks` [G, W] int32 token bitmasks (engine/grammar/bitmask.py's layout) and `mask_rows` [N], the
+    mask of each row (-1: none); such a row picks its best allowed id, as argmax after apply_token_mask does, and
+    keeps the model's log-softmax of it."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the fused CPU ops are not available; check supports() first")
@@ -121,7 +126,17 @@ def greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
     rows, n = logits.shape
     ids = torch.empty(rows, dtype=torch.int64)
     logprobs = torch.empty(rows, dtype=torch.float32)
+    masks_ptr, rows_ptr, words = None, None, 0
+    if masks is not None:
+        if mask_rows is None or len(mask_rows) != rows or masks.dtype != torch.int32 or masks.dim() != 2:
+            raise ValueError("masks must be [G, W] int32 with one mask_rows entry per row of logits")
+        masks = masks.contiguous()
+        which = torch.tensor(mask_rows, dtype=torch.int64)
+        if bool((which >= masks.shape[0]).any()):
+            raise ValueError("mask_rows points past the masks")
+        masks_ptr, rows_ptr, words = masks.data_ptr(), which.data_ptr(), masks.shape[1]
     getattr(lib, f"greedy_{_SUFFIX[logits.dtype]}")(
-        logits.data_ptr(), logits.stride(0), rows, n, ids.data_ptr(), logprobs.data_ptr(), torch.get_num_threads()
-    )
+        logits.data_ptr(), logits.stride(0), rows, n, masks_ptr, rows_ptr, words, ids.data_ptr(), logprobs.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
     return ids.tolist(), logprobs.tolist()

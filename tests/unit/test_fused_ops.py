@@ -1,6 +1,6 @@
 """The compiled CPU element-wise ops (csrc/fused_ops.c) against their torch twins, which the engine tests hold
-to transformers: residual add + RMSNorm, SiLU * up, rotary in place, and the greedy pick with its logprob.
-float32 agrees to float rounding; bfloat16 to one bf16 rounding step at most.
+to transformers: residual add + RMSNorm, SiLU * up, rotary in place, and the greedy pick with its logprob (grammar
+rows: among their bitmask's ids). float32 agrees to float rounding; bfloat16 to one bf16 rounding step at most.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from engine.grammar.bitmask import apply_token_mask, unpack
 from engine.layers import cpu_fused_ops
 from engine.layers.activation import SiluAndMul
 from engine.layers.norm import RMSNorm
@@ -84,6 +85,48 @@ def test_greedy_pick_and_logprob(vocab: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(torch.tensor(logprobs), want_lp, atol=1e-5, rtol=1e-5)
 
 
+def _masks(vocab: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Grammar bitmasks [8, ceil(V / 32)] int32 of assorted densities, and which row of 32 logits uses which (-1:
+    none): a single id, a few, half, all, none (all ids refused) and the last id only."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(8, 32 * ((vocab + 31) // 32), generator=g)
+    allowed = torch.stack([keep[0] < 1 / vocab, keep[1] < 0.01, keep[2] < 0.5, keep[3] < 2, keep[4] < -1] * 1 + [
+        keep[5] < 0.5, keep[6] < 0.05, torch.arange(keep.shape[1]) == vocab - 1])  # fmt: skip
+    allowed[0, seed % vocab] = allowed[6, (seed + 1) % vocab] = True  # at least one
+    allowed[:, vocab:] = True  # bits past the vocabulary (the last word's spare ones) never count
+    bits = (allowed.view(8, -1, 32).long() << torch.arange(32)).sum(-1)
+    masks = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    mask_rows = [-1] * 32
+    for row, k in enumerate([0, 1, 2, 3, 4, 5, 6, 7, 2, 2]):  # rows 8, 9 share a mask; rows 10.. are free
+        mask_rows[row] = k
+    return masks, mask_rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [49152, 401, 5])
+def test_masked_greedy_pick_and_logprob(vocab: int, dtype: torch.dtype) -> None:
+    """Grammar rows among free ones: the pick is torch's argmax after apply_token_mask (the sampler's twin), the
+    logprob the model's own log-softmax of it; a row whose allowed ids all have -inf logits picks id 0, as torch."""
+    logits = _randn(32, vocab, dtype=torch.float32, seed=17) * 8
+    logits[2, :] = 3.0  # all tied: the first allowed id wins
+    logits[5, :] = float("-inf")
+    logits[5, vocab - 1] = 0.0
+    masks, mask_rows = _masks(vocab, seed=vocab)
+    logits[6] = torch.where(unpack(masks[6:7], vocab)[0], float("-inf"), 1.0)  # every allowed id at -inf
+    logits = logits.to(dtype)
+    ids, logprobs = cpu_fused_ops.greedy(logits, masks, mask_rows)
+    rows = torch.tensor([max(k, 0) for k in mask_rows])
+    masked = torch.where(
+        torch.tensor(mask_rows)[:, None] >= 0, apply_token_mask(logits.float(), masks[rows]), logits.float()
+    )
+    want_ids = masked.argmax(dim=-1)
+    assert ids == want_ids.tolist()
+    want_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, want_ids[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(logprobs), want_lp, atol=1e-5, rtol=1e-5)
+    free_ids, free_lps = cpu_fused_ops.greedy(logits)  # free rows: as without any mask
+    assert ids[10:] == free_ids[10:] and logprobs[10:] == free_lps[10:]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("paired", [False, True])
 def test_cache_write(dtype: torch.dtype, paired: bool) -> None:
@@ -122,11 +165,14 @@ def test_portable_build_matches_the_native_one(portable_build, monkeypatch) -> N
     same picks, logprobs, norms and activations."""
     portable = cpu_fused_ops.bind_ops(portable_build("fused_ops"))
     logits = _randn(5, 49152, dtype=torch.float32, seed=11) * 8
+    wide = _randn(32, 49152, dtype=torch.float32, seed=14) * 8
+    masks, mask_rows = _masks(49152, seed=3)
     x = _randn(7, 2 * 576, dtype=torch.bfloat16, seed=12)
     weight = _randn(576, dtype=torch.bfloat16, seed=13)
 
     def run() -> list:
         picks = [cpu_fused_ops.greedy(logits.to(dtype)) for dtype in DTYPES]
+        picks += [cpu_fused_ops.greedy(wide.to(dtype), masks, mask_rows) for dtype in DTYPES]
         norm = cpu_fused_ops.add_rms_norm(x[:, :576], weight, 1e-5, x[:, 576:].contiguous())
         return [picks, norm, cpu_fused_ops.silu_and_mul(x)]
 

@@ -215,10 +215,12 @@ def test_masked_rows_batched_equal_twin_and_stay_inside_the_mask(seed: int) -> N
         for i, r in enumerate(plain)
     ]
     batched = Sampler()(logits, masked)
-    fused = Sampler(fused=True)(logits, regenerate(masked, seed))  # plain rows fused, the others batched
+    fused = Sampler(fused=True)(logits, regenerate(masked, seed))  # greedy rows fused (masked too), others batched
     twin = Sampler().reference(logits, regenerate(masked, seed))
     unmasked = Sampler()(logits, regenerate(plain, seed))
     assert [(o.token_id, o.error) for o in fused] == [(o.token_id, o.error) for o in batched]
+    for f, b in zip(fused, batched):
+        assert f.error is not None or f.logprob == pytest.approx(b.logprob, abs=1e-5)
     for i, (b, t, u) in enumerate(zip(batched, twin, unmasked)):
         assert b.error == t.error
         assert b.token_id == t.token_id
@@ -238,3 +240,48 @@ def test_a_plain_greedy_row_with_a_mask_takes_the_best_allowed_token() -> None:
     reqs = [SamplingRequest(SamplingParams(), [], None, bits), SamplingRequest(SamplingParams(), [], None)]
     assert [o.token_id for o in Sampler()(logits, reqs)] == [3, VOCAB - 1]
     assert [o.token_id for o in Sampler(fused=True)(logits, reqs)] == [3, VOCAB - 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_grammar_rows_take_the_fused_pick_and_equal_the_batched_sampler(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU, greedy grammar rows without processing are picked by the compiled kernel with their masks (the
+    others, sampled or penalised, masked or not, by the batched sampler): tokens, errors and logprobs equal the
+    batched sampler's and the per-row twin's, and every masked row's token is an allowed one."""
+    from engine.layers import cpu_fused_ops
+
+    rng = random.Random(300 + seed)
+    kinds = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, temperature=0.9, top_k=20),
+        SamplingParams(repetition_penalty=1.3),
+    ]
+    rows = 12
+    logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * rng.choice([0.5, 3.0, 30.0])
+    if seed == 0:
+        logits[3, 5] = float("nan")  # a NaN row fails alone, masked or not
+    requests, masks = [], {}
+    for i in range(rows):
+        params = kinds[0] if i < 6 else rng.choice(kinds)
+        if i % 2 == 0 or rng.random() < 0.3:
+            masks[i] = random_mask(rng)
+        history = [rng.randrange(VOCAB) for _ in range(5)]
+        allowed = masks[i][0] if i in masks else None
+        requests.append(SamplingRequest(params, history, torch.Generator().manual_seed(seed * 1000 + i), allowed))
+    calls: list[bool] = []
+    greedy = cpu_fused_ops.greedy
+    monkeypatch.setattr(
+        cpu_fused_ops, "greedy", lambda x, m=None, r=None: calls.append(m is not None) or greedy(x, m, r)
+    )
+    fused = Sampler(fused=True)(logits, requests)
+    assert calls == [True]  # the masked greedy rows went to the kernel
+    batched = Sampler()(logits, regenerate(requests, seed))
+    twin = Sampler().reference(logits, regenerate(requests, seed))
+    for i, (f, b, t) in enumerate(zip(fused, batched, twin)):
+        assert f.error == b.error == t.error
+        if f.error is None:  # (a failed row's token is never used)
+            assert f.token_id == b.token_id == t.token_id
+            assert f.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert i not in masks or f.token_id in masks[i][1]
+    assert (fused[3].error is not None) == (seed == 0)

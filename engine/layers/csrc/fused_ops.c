@@ -37,6 +37,13 @@ static inline float fast_expf(float x) {
 }
 
 static inline float f32_to_f32(float x) { return x; }
+
+/* -inf by its bits: built with -ffinite-math-only, a comparison with -INFINITY may be folded away. */
+static inline int is_neg_inf(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, sizeof(u));
+    return u == 0xFF800000u;
+}
 static inline float f32_round(float x) { return x; }
 
 #define DEFINE_OPS(SUFFIX, T, LOAD, STORE, ROUND)                                                                  \
@@ -148,10 +155,13 @@ static inline vf load16_bf16(const uint16_t *p) { /* 16 bf16 -> 16 floats, exact
 /* Greedy pick per row of logits [rows, n] (row stride `stride`; float32 or bf16, read as float32): the first index
  * of the maximum, and its log-softmax (max - logsumexp), in two vectorised passes per row instead of log_softmax +
  * max over the whole matrix. Each of 16 lanes keeps its own first maximum; the lowest index among the lanes' maxima
- * wins. */
+ * wins. Grammar rows (mask_rows[r] >= 0; masks may be NULL when no row has one) pick among the ids their bitmask
+ * allows, masks[mask_rows[r]] of `words` int32 (bit j of word k allows id 32 k + j; ids past 32 words are not
+ * allowed), walking the set bits only; the logprob stays the model's own (x[pick] - logsumexp). As torch's argmax of
+ * the masked row (the twin): when no allowed id has a logit above -inf, the pick is id 0. */
 #define DEFINE_GREEDY(SUFFIX, T, LOAD)                                                                          \
-void greedy_##SUFFIX(const T *logits, int64_t stride, int64_t rows, int64_t n, int64_t *ids, float *logprobs,   \
-                     int num_threads) {                                                                         \
+void greedy_##SUFFIX(const T *logits, int64_t stride, int64_t rows, int64_t n, const int32_t *masks,            \
+                     const int64_t *mask_rows, int64_t words, int64_t *ids, float *logprobs, int num_threads) { \
     _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (rows * n >= PARALLEL_MIN_ELEMS)")   \
     for (int64_t r = 0; r < rows; r++) {                                                                        \
         const T *row = logits + r * stride;                                                                     \
@@ -176,10 +186,25 @@ void greedy_##SUFFIX(const T *logits, int64_t stride, int64_t rows, int64_t n, i
         }                                                                                                       \
         for (int64_t i = i0; i < n; i++)                                                                        \
             if (LOAD(row[i]) > m) m = LOAD(row[i]), best = i;                                                   \
+        float pick = m; /* the chosen id's logit: the maximum, or the best allowed one */                     \
+        if (masks != NULL && mask_rows[r] >= 0) {                                                               \
+            const uint32_t *bits = (const uint32_t *)(masks + mask_rows[r] * words);                            \
+            int64_t found = -1;                                                                                 \
+            for (int64_t k = 0; k < words && 32 * k < n; k++) {                                                 \
+                for (uint32_t w = bits[k]; w != 0; w &= w - 1) {                                                \
+                    const int64_t i = 32 * k + __builtin_ctz(w);                                                \
+                    if (i >= n) break;                                                                          \
+                    const float x = LOAD(row[i]);                                                               \
+                    if (found < 0 || x > pick) found = i, pick = x;                                             \
+                }                                                                                               \
+            }                                                                                                   \
+            if (found < 0 || is_neg_inf(pick)) found = 0, pick = LOAD(row[0]);                                  \
+            best = found;                                                                                       \
+        }                                                                                                       \
         float sum = 0.f;                                                                                        \
         for (int64_t i = 0; i < n; i++) sum += fast_expf(LOAD(row[i]) - m);                                     \
         ids[r] = best;                                                                                          \
-        logprobs[r] = -logf(sum);                                                                               \
+        logprobs[r] = (pick - m) - logf(sum);                                                                   \
     }                                                                                                           \
 }
 

@@ -58,12 +58,16 @@ def tgi_grammar(grammar: dict[str, Any] | None) -> GrammarSpec | None:
 
 def response_format_grammar(response_format: dict[str, Any] | None) -> GrammarSpec | None:
     """OpenAI's `{"type": "text"}` (none), `{"type": "json_object"}` (any JSON object) and
-    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`."""
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`; also TGI's chat shape, a grammar with a
+    `value` as in `parameters.grammar` (`{"type": "json_object" | "json", "value": <schema>}`, `regex`, ...), which
+    huggingface_hub's InferenceClient sends for OpenAI's `json_schema`."""
     if not response_format:
         return None
     kind = response_format.get("type", "text")
     if kind == "text":
         return None
+    if "value" in response_format and "json_schema" not in response_format:
+        return tgi_grammar(response_format)
     if kind == "json_object":
         return checked(GrammarSpec.json_schema({"type": "object"}))
     if kind == "json_schema":

@@ -7,15 +7,12 @@ Also the serving benchmark's baseline server (TGI-shaped, same greedy tokens) an
 from __future__ import annotations
 
 import json
-import re
 import sys
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
 
-import jsonschema
 import openai
 import pytest
 
@@ -23,8 +20,6 @@ import pytest
 import text_generation  # noqa: E402
 import torch
 from huggingface_hub import InferenceClient
-from pydantic import BaseModel, Field
-from text_generation.types import Grammar, GrammarType
 
 from engine import LLM, RequestOutput, SamplingParams
 from tests.support.serve_process import Serve, base_env, free_port, running_serve
@@ -152,77 +147,6 @@ def test_concurrent_openai_streams_each_match_the_engine(server: Serve, llm: LLM
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         texts = list(pool.map(one, PROMPTS))
     assert texts == [greedy(llm, p, 2 * N).text for p in PROMPTS]
-
-
-# ---- structured output through the clients ------------------------------------------------------
-
-
-class Pet(BaseModel):
-    kind: Literal["cat", "dog", "fish"]
-    age: int = Field(ge=0, le=30)
-
-
-class Owner(BaseModel):
-    name: str = Field(max_length=6)
-    pets: list[Pet] = Field(max_length=2)
-    verified: bool
-
-
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 5}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Forecast", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
-]
-
-
-def test_openai_parse_into_a_pydantic_model(server: Serve) -> None:
-    client = openai.OpenAI(base_url=f"{base(server)}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
-    for seed in (0, 1):
-        answer = client.chat.completions.parse(
-            model="tgi", messages=CHAT, response_format=Owner, max_tokens=200, seed=seed, temperature=1.0
-        )
-        owner = answer.choices[0].message.parsed
-        assert isinstance(owner, Owner) and answer.choices[0].finish_reason == "stop"
-        assert Owner.model_validate_json(answer.choices[0].message.content) == owner
-
-
-def test_openai_tool_calls_required_streamed_and_not(server: Serve) -> None:
-    client = openai.OpenAI(base_url=f"{base(server)}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
-    kw = dict(model="tgi", messages=CHAT, tools=TOOLS, tool_choice="required", max_tokens=150, seed=3)
-    answer = client.chat.completions.create(**kw)
-    choice = answer.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    (call,) = choice.message.tool_calls
-    assert call.type == "function" and call.id.startswith("call_")
-    if call.function.name == "get_weather":
-        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
-    else:
-        assert call.function.name == "get_time" and isinstance(json.loads(call.function.arguments), dict)
-
-    with client.chat.completions.stream(**kw) as stream:  # the SDK's own accumulation of tool-call deltas
-        final = stream.get_final_completion()
-    (streamed,) = final.choices[0].message.tool_calls
-    assert final.choices[0].finish_reason == "tool_calls"
-    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
-
-
-def test_tgi_client_grammar(server: Serve) -> None:
-    client = text_generation.Client(base(server), timeout=TIMEOUT)
-    r = client.generate(PROMPT, max_new_tokens=150, grammar=Grammar(type=GrammarType.Json, value=WEATHER))
-    assert r.details.finish_reason.value == "eos_token"
-    jsonschema.validate(json.loads(r.generated_text), WEATHER)
-    pattern = r"[A-Z][a-z]{1,5} [0-9]{2}"
-    r = client.generate(PROMPT, max_new_tokens=30, grammar=Grammar(type=GrammarType.Regex, value=pattern))
-    assert re.fullmatch(pattern, r.generated_text)
-    with pytest.raises(text_generation.errors.ValidationError, match="grammar is not valid"):
-        client.generate(PROMPT, grammar=Grammar(type=GrammarType.Regex, value="(?<=x)y"))  # refused by the worker
-    with pytest.raises(text_generation.errors.ValidationError, match="grammar is not valid: no output satisfies it"):
-        client.generate(PROMPT, grammar=Grammar(type=GrammarType.Json, value={"$ref": "#"}))  # by the engine (zmq)
 
 
 # ---- huggingface_hub.InferenceClient -----------------------------------------------------------

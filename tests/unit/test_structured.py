@@ -64,6 +64,12 @@ def test_api_shapes_map_to_specs() -> None:
     assert response_format_grammar({"type": "json_object"}) == GrammarSpec.json_schema({"type": "object"})
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
     assert response_format_grammar(fmt) == GrammarSpec.json_schema(schema)
+    # TGI's chat shape (huggingface_hub's InferenceClient turns OpenAI's json_schema into it): the value is the grammar
+    for kind in ("json_object", "json"):
+        assert response_format_grammar({"type": kind, "value": schema}) == GrammarSpec.json_schema(schema)
+    assert response_format_grammar({"type": "regex", "value": "[ab]+"}) == GrammarSpec.regex("[ab]+")
+    with pytest.raises(ValidationError, match="grammar is not valid"):
+        response_format_grammar({"type": "json_object", "value": {"type": "object", "not": {}}})
     with pytest.raises(ValidationError, match="best_of|grammar type"):
         tgi_grammar({"type": "lark", "value": "start: x"})
 

@@ -14,8 +14,9 @@ import jsonschema
 import llguidance
 import llguidance.hf
 import pytest
+import torch
 
-from engine import SamplingParams
+from engine import LLM, SamplingParams
 from engine.grammar.spec import GrammarError, GrammarSpec
 from tests.support.oracle import Engines, run_to_completion
 from tests.support.tiny_models import greedy, random_prompt
@@ -193,3 +194,27 @@ def test_two_tensor_parallel_ranks_give_the_constrained_tokens_of_one(engines: E
     _valid(outs[0].text)
     _valid(outs[1].text)
     assert re.fullmatch(REGEXES[2], outs[2].text)
+
+
+def _mixed_batch_on(llm: LLM) -> None:
+    """Greedy and sampled schema rows and a regex row next to a free one: every constrained output is valid."""
+    params = [_schema_params(None), _schema_params(4), SamplingParams(max_new_tokens=40, grammar=GrammarSpec.regex(
+        REGEXES[0])), greedy(12)]  # fmt: skip
+    outs = llm.generate([random_prompt(7 + k, seed=900 + k) for k in range(4)], params)
+    for out in outs[:2]:
+        assert out.finish_reason == "eos_token", out.text
+        _valid(out.text)
+    assert re.fullmatch(REGEXES[0], outs[2].text), outs[2].text
+
+
+@pytest.mark.slow
+def test_constrained_rows_on_the_triton_attention_backend(engines: Engines) -> None:
+    """The GPU attention backend (Triton's interpreter on CPU tensors): the masks follow the logits whatever ran."""
+    _mixed_batch_on(engines(MODEL, attention_backend="triton", block_size=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_constrained_rows_on_cuda(engines: Engines) -> None:
+    """On the GPU the bitmask goes to the device (pinned, non-blocking) and is applied by the batched sampler."""
+    _mixed_batch_on(engines(MODEL, device="cuda"))

@@ -13,9 +13,11 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from serve.ipc import Handover, WorkerConfig
+from serve.ipc import STATS_INTERVAL_S, Handover, WorkerConfig
 from serve.tracing import setup as setup_tracing
 from serve.zmq_client import ZmqEngineClient
+
+FIRST_STATS_WAIT_S = 4 * STATS_INTERVAL_S
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -43,5 +45,9 @@ def build_app(config_path: str) -> Flask:
     handover = Handover(os.path.dirname(config_path))
     tracing = setup_tracing(config.tracing, "worker")  # after the fork: the span exporter's thread is ours
     app = create_app(client, config.server, tokenizer, serving=handover.serving, tracing=tracing)
+    # The first stats before saying booted (this worker does not accept yet; the standby or a booted worker answers):
+    # a worker that answered before its first stats arrived would say 503 between other workers' 200s. Bounded:
+    # an engine that died sends none, and the worker then answers 503 as it should.
+    client.wait_for_stats(FIRST_STATS_WAIT_S)
     handover.booted()
     return app

@@ -49,6 +49,16 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if not cap else torch.tanh(x / cap) * cap
 
 
+# The usual separate q/k/v and gate/up checkpoint modules -> the fused qkv_proj and gate_up_proj parameters.
+QKV_GATE_UP_PACKED: dict[str, tuple[str, str | int]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
 class CausalLM(nn.Module):
     # checkpoint module name -> (packed parameter module name, shard id)
     packed_modules: dict[str, tuple[str, str | int]] = {}

@@ -18,7 +18,7 @@ from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, StepRotary
-from engine.models.base import CausalLM, head_dim_of, num_kv_heads_of, sliding_window_of
+from engine.models.base import QKV_GATE_UP_PACKED, CausalLM, head_dim_of, num_kv_heads_of, sliding_window_of
 
 
 class LlamaAttention(nn.Module):
@@ -111,14 +111,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     model_cls: type[LlamaModel] = LlamaModel
     decoder_stack: bool = True  # the compiled stack runs Llama's exact layer only
-    # checkpoint name -> (packed parameter name, shard id)
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules = QKV_GATE_UP_PACKED
 
     def __init__(self, cfg, max_position: int) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import LayerNorm, PerHeadLayerNorm
 from engine.layers.rotary import RotaryEmbedding, StepRotary
-from engine.models.base import CausalLM, head_dim_of, num_kv_heads_of, sliding_window_of
+from engine.models.base import QKV_GATE_UP_PACKED, CausalLM, head_dim_of, num_kv_heads_of, sliding_window_of
 from engine.models.llama import LlamaMLP
 from engine.parallel import get_parallel_state
 
@@ -89,13 +89,7 @@ class StableLmModel(nn.Module):
 
 
 class StableLmForCausalLM(CausalLM):
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules = QKV_GATE_UP_PACKED
 
     def __init__(self, cfg, max_position: int) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
 """GPU quantization benchmark (`python -m engine.benchmark --device cuda --quantize`): a random-weight Llama-shaped
 model (engine/gpu_benchmark.py) served by our engine in bf16 (the peer, same run) and as GPTQ and AWQ int4
 checkpoints written from the same weights (engine/quant/export.py, round-to-nearest codes) on the Triton kernel:
-weight bytes, the batch-1 decode step and throughput at batch 64. `--device cpu --shape tiny` is a smoke test.
+the batch-1 decode step and throughput at batch 64. `python -m engine.quant_gpu_benchmark --device cpu --shape tiny`
+is a smoke test (the CPU kernel; tests/quant/test_triton_engine.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ rank (the same blocks, so the same codes, where a rank holds whole rows or a mul
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +35,23 @@ class BnbWeight:
         return self.data.numel() + extra
 
 
+class _Int8CastNotice(logging.Filter):
+    """bitsandbytes logs a warning on every LLM.int8 call whose input is not float16 (it quantizes a float16 copy,
+    as meant here; bf16 outliers and output stay bf16): one line per layer per step otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+@functools.cache
+def _quiet_int8_cast_notice() -> None:
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNotice())
+
+
 def quantize(w: torch.Tensor, mode: str, device: torch.device, dtype: torch.dtype) -> BnbWeight:
     import bitsandbytes.functional as BF
 
+    _quiet_int8_cast_notice()
     n, k = w.shape
     w = w.to(device=device, dtype=dtype).contiguous()
     if mode == "bitsandbytes":

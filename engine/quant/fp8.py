@@ -1,7 +1,9 @@
 """FP8 weights: e4m3 values with one float32 scale per output (w = q * s). Read from checkpoints (`weight` +
 `weight_scale`, per tensor or per channel; block-scaled `weight_scale_inv` is dequantized) or made at load
 (dynamic per-channel). GPUs with FP8 (sm89+) multiply with `torch._scaled_mm`, activations scaled per row at run
-time; the twin dequantizes and runs `F.linear`.
+time; the twin dequantizes and runs `F.linear`. `torch._scaled_mm`'s CUDA checks (aten/src/ATen/native/cuda/Blas.cpp)
+are met once at load where they concern the weight (K and N padded to multiples of 16, the weight column-major) and
+by a constant out dtype per call (bfloat16: the only one its sm89 row-wise kernel writes).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+ALIGN = 16  # torch._scaled_mm on CUDA: mat1's K, mat2's K and N multiples of 16
+OUT_DTYPE = torch.bfloat16  # row-wise scaling on sm89 (CUTLASS) writes bfloat16 only; bias must match it
 PARTS = ("weight", "weight_scale")
 
 
@@ -67,10 +71,33 @@ def concat(parts: list[Fp8Weight]) -> Fp8Weight:
     return Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
 
 
-def scaled_mm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, K] -> [T, N] on a GPU with FP8: activations quantized per row, weights per column (rowwise scaling)."""
+def pad_for_scaled_mm(w: Fp8Weight) -> Fp8Weight:
+    """The weight as `scaled_mm` takes it: [N16, K16] contiguous (its transpose column-major), zero codes and unit
+    scales in the padding. Done once, before the weight moves to the GPU."""
+    n, k = w.shape
+    pn, pk = -n % ALIGN, -k % ALIGN
+    q = w.q.contiguous() if not (pn or pk) else torch.nn.functional.pad(w.q, (0, pk, 0, pn))
+    scale = torch.cat([w.scale.float(), torch.ones(pn, device=w.scale.device)]) if pn else w.scale.float()
+    return Fp8Weight(q, scale.contiguous())
+
+
+def scaled_mm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [..., K] -> [..., n] in x's dtype on a GPU with FP8: activations quantized per row, weights per column
+    (row-wise scaling). `w`: from pad_for_scaled_mm ([N16, K16]); `n`: the real outputs."""
     x2 = x.reshape(-1, x.shape[-1])
-    xs = (x2.abs().amax(1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
-    xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    y = torch._scaled_mm(xq, w.q.t(), scale_a=xs, scale_b=w.scale.view(1, -1), bias=bias, out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], -1)
+    pad_k = w.q.shape[1] - x2.shape[1]
+    if pad_k:  # zero inputs meet zero codes
+        x2 = torch.nn.functional.pad(x2, (0, pad_k))
+    xs = (x2.abs().amax(1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # [M, 1] float32, contiguous
+    xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # [M, K16] row-major
+    fuse = bias is not None and n == w.q.shape[0]  # _scaled_mm's bias has N16 entries in OUT_DTYPE
+    y = torch._scaled_mm(
+        xq, w.q.t(), scale_a=xs, scale_b=w.scale.view(1, -1), bias=bias.to(OUT_DTYPE) if fuse else None,
+        out_dtype=OUT_DTYPE,
+    )  # fmt: skip
+    if n != y.shape[1]:
+        y = y[:, :n].contiguous()
+    y = y.to(x.dtype)
+    if bias is not None and not fuse:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)

@@ -96,14 +96,15 @@ class Fp8Matmul(QuantMatmul):
     def __init__(self, w: fp8.Fp8Weight, kernel: str, device: torch.device) -> None:
         super().__init__()
         self.kernel, (self.n, self.k) = kernel, w.shape
+        w = fp8.pad_for_scaled_mm(w) if kernel == "scaled_mm" else w  # padded on the CPU, once
         self.w = fp8.Fp8Weight(w.q.to(device), w.scale.to(device))
         self.q, self.scale = self.w.q, self.w.scale
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return fp8.scaled_mm(x, self.w, bias) if self.kernel == "scaled_mm" else self.twin(x, bias)
+        return fp8.scaled_mm(x, self.w, bias, self.n) if self.kernel == "scaled_mm" else self.twin(x, bias)
 
     def dequantize(self) -> torch.Tensor:
-        return self.w.dequantize()
+        return self.w.dequantize()[: self.n, : self.k]
 
     @property
     def nbytes(self) -> int:

@@ -25,11 +25,12 @@ def _int_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     panel, lane = rn // 16, rn % 16
+    row = rm.to(tl.int64)  # M * K and M * N pass 2**31 in long prefill steps of wide layers
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
+            x_ptr + row[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
         )
         wmask = (rk[:, None] < K) & (rn[None, :] < N)
         element = 2 * lane[None, :] + (rk[:, None] % 2)  # [BLOCK_K, BLOCK_N]
@@ -52,7 +53,7 @@ def _int_gemm_kernel(
         acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + row[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
 
 

@@ -6,12 +6,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# Packages the image lacks (llguidance: without it nothing imports engine.LLM; gguf; bitsandbytes), carried in
+# .gpu_site (tests/gpu/site.sh, then run with carry=[".gpu_site"]).
+[ -d .gpu_site ] && export PYTHONPATH=$PWD:$PWD/.gpu_site
 out=${OUT:-bench_results}
 mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  for m in llguidance gguf bitsandbytes; do python3 -c "import $m" 2>/dev/null || echo "MISSING $m (tests/gpu/site.sh)"; done
 } 2>&1 | tee "$out/gpu_env.txt"
 # 1. Engine tests on the GPU: every backend against transformers, graphs on/off, bf16, KV sizing, TP if 2 GPUs.
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine 2>&1 | tee "$out/gpu_tests.txt"

@@ -48,20 +48,24 @@ def interpret() -> dict[str, float]:
 
 
 def compile_all() -> dict[str, int]:
+    """Every variant the engine launches: bf16 / fp16 / fp32 models, each (bits, offset kind), GGUF's groups of 32
+    and GPTQ's of 128, with and without bias (o_proj / down_proj have none; Qwen2's qkv has one)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sizes = {}
     for arch in (80, 90):
-        for dt in ("bf16", "fp16"):
+        for dt in ("bf16", "fp16", "fp32"):
             for bits, offset in VARIANTS:
-                const = dict(BITS=bits, OFFSET=offset, GROUP=128, HAS_BIAS=True, BLOCK_M=triton_kernel.BLOCK_M,
-                             BLOCK_N=triton_kernel.BLOCK_N, BLOCK_K=triton_kernel.BLOCK_K)  # fmt: skip
-                signature = {k: v.format(dt=dt) for k, v in SIGNATURE.items()} | dict.fromkeys(const, "constexpr")
-                src = ASTSource(triton_kernel._int_gemm_kernel, signature, const)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-                sizes[f"sm{arch}-{dt}-int{bits}-offset{offset}"] = len(compiled.asm["cubin"])
+                for group, bias in ((128, True), (32, False)):
+                    const = dict(BITS=bits, OFFSET=offset, GROUP=group, HAS_BIAS=bias, BLOCK_M=triton_kernel.BLOCK_M,
+                                 BLOCK_N=triton_kernel.BLOCK_N, BLOCK_K=triton_kernel.BLOCK_K)  # fmt: skip
+                    signature = {k: v.format(dt=dt) for k, v in SIGNATURE.items()} | dict.fromkeys(const, "constexpr")
+                    src = ASTSource(triton_kernel._int_gemm_kernel, signature, const)
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+                    key = f"sm{arch}-{dt}-int{bits}-offset{offset}-g{group}-bias{int(bias)}"
+                    sizes[key] = len(compiled.asm["cubin"])
     return sizes
 
 

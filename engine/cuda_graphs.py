@@ -18,9 +18,20 @@ from engine.attention.triton_config import choose_num_kv_splits
 from engine.step_input import StepInput
 
 if TYPE_CHECKING:
+    from engine.attention.triton import GraphBuffers
     from engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+def forward_from_buffers(runner: ModelRunner, buffers: GraphBuffers, bucket: int, num_kv_splits: int) -> torch.Tensor:
+    """The logits [bucket, V] of the decode step in `buffers`' overlay for `bucket` rows: what each graph captures
+    (no host sync, no tensor built from host values; padding rows write and attend nothing)."""
+    ids, positions, meta = buffers.views(bucket)
+    meta.num_kv_splits = num_kv_splits
+    with attention_metadata(meta):
+        hidden = runner.model(ids, positions)
+    return runner.model.compute_logits(hidden)
 
 
 class CudaGraphRunner:
@@ -31,6 +42,7 @@ class CudaGraphRunner:
         self.buffers = self.backend.graph_buffers(self.buckets[-1], self.max_blocks)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         dev = runner.device
+        self.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
         free_before = torch.cuda.mem_get_info(dev)[0]
         pool = None
         with torch.inference_mode():
@@ -45,12 +57,9 @@ class CudaGraphRunner:
         )
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        ids, positions, meta = self.buffers.views(bucket)
-        sms = torch.cuda.get_device_properties(self.runner.device).multi_processor_count
-        meta.num_kv_splits = choose_num_kv_splits(bucket, self.backend.num_kv_heads, self.runner.max_model_len, sms)
-        with attention_metadata(meta):
-            hidden = self.runner.model(ids, positions)
-        return self.runner.model.compute_logits(hidden)
+        # the split count is fixed per bucket for the longest context: the kernel splits the keys a row really has
+        splits = choose_num_kv_splits(bucket, self.backend.num_kv_heads, self.runner.max_model_len, self.num_sms)
+        return forward_from_buffers(self.runner, self.buffers, bucket, splits)
 
     def _capture(self, bucket: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self.backend.fill_graph_buffers(self.buffers, StepInput(), bucket)  # all padding: nothing is written

@@ -19,7 +19,7 @@ from engine.attention import create_backend
 from engine.attention.base import attention_metadata
 from engine.config import EngineConfig
 from engine.device import cpu_threads, rank_device, resolve_dtype
-from engine.kv_sizing import cuda_kv_blocks
+from engine.kv_sizing import device_memory, profile_kv_blocks
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
 from engine.models import get_model_class, model_implementation
@@ -93,11 +93,13 @@ class ModelRunner:
         self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         self._released: list[str] = []  # encoder-decoder: requests to forget at the next step
         self.backend = create_backend(plan, self.block_size)
+        # The CUDA profile run (KV sizing) runs a step through run(): the plan and "no graphs yet" must be in place.
+        self.plan: ExecutionPlan = dataclasses.replace(plan, decoder_stack=False)
+        self.graphs = None
         self.num_blocks = self._allocate_kv_cache()
         # CPU bf16 with every compiled path: the decoder layers run as one compiled call per step, where they can.
         stack = plan.decoder_stack and model.use_decoder_stack()
-        self.plan: ExecutionPlan = dataclasses.replace(plan, decoder_stack=stack)
-        self.graphs = None
+        self.plan = dataclasses.replace(plan, decoder_stack=stack)
         if self.plan.cuda_graphs:
             from engine.cuda_graphs import CudaGraphRunner
 
@@ -160,8 +162,8 @@ class ModelRunner:
         cfg = self.config
         if cfg.max_batch_total_tokens is not None:
             num_blocks = math.ceil(cfg.max_batch_total_tokens / self.block_size)
-        elif self.device.type == "cuda":
-            num_blocks = cuda_kv_blocks(self, bytes_per_block)
+        elif (memory := device_memory(self.device)) is not None:  # CUDA: what a profile step leaves of the fraction
+            num_blocks = profile_kv_blocks(self, bytes_per_block, memory)
         else:
             # Never more than every running sequence at full context could use.
             useful = math.ceil(cfg.max_num_seqs * self.max_model_len / self.block_size)

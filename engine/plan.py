@@ -126,6 +126,8 @@ def _requested_attention(
             )
         return chosen
     why = triton_available(device) if requested == "triton" else flash_attn_available(device)
+    if why is None and requested == "flash_attn" and dtype not in (torch.float16, torch.bfloat16):
+        why = f"flash-attn computes in float16 or bfloat16, not {str(dtype).removeprefix('torch.')}"
     if why is not None:
         raise ValueError(f"attention backend {requested!r} (ATTENTION_BACKEND) is not available: {why}")
     return requested

@@ -103,7 +103,7 @@ class _Rows:
         masked = [k for k, i in enumerate(rows) if requests[i].allowed is not None]
         if masked:
             bits = torch.stack([requests[rows[k]].allowed for k in masked])  # type: ignore[misc]
-            built.masks = bits.pin_memory().to(device, non_blocking=True) if pinned else bits
+            built.masks = bits.pin_memory().to(device, non_blocking=True) if pinned else bits.to(device)
             built.masked = torch.tensor(masked, dtype=torch.int64).to(device, non_blocking=True)
         return built
 

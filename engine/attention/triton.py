@@ -116,7 +116,9 @@ class TritonBackend(AttentionBackend):
 
     def fill_graph_buffers(self, buffers: GraphBuffers, step: StepInput, batch: int) -> None:
         """Decode rows of `step`, then padding rows up to `batch` (length 0, slot -1): one host->device copy.
-        Rewriting the pinned buffer is safe: the sampler's device->host copy ended the previous step."""
+        Rewriting the pinned buffer is safe: the previous decode step's copy is done. On rank 0 the sampler's
+        device->host copy waited for it; another rank gets the next step only after rank 0 sampled, whose logits
+        needed this rank's collectives of that step, which its stream ran after the copy."""
         n, size = len(step.decode_tables), batch * (4 + buffers.max_blocks)
         ids, positions, slots, lens, tables = (
             r.numpy() for r in buffers.regions(buffers.host, batch, buffers.max_blocks)

@@ -32,9 +32,11 @@ def _write_kv_kernel(
     block_size,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
 ):  # fmt: skip
-    # one program per token row: copies its [Hkv, D] keys and values to slot = block * block_size + offset
+    # one program per token row: copies its [Hkv, D] keys and values to slot = block * block_size + offset. The
+    # slots arrive as int32 (the step's packed inputs): widened first, as block * stride_ckb passes 2^31 elements
+    # in one layer's cache on a large GPU.
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # a padded row
         return
     block = slot // block_size
@@ -50,7 +52,9 @@ def _write_kv_kernel(
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The block-table stride is the step's widest table (it changes from step to step in eager mode): not specialized,
+# so a new width never compiles a new variant mid-serving, and the launched kernel is the one compiled ahead of time.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, alibi_ptr,
     split_out_ptr, split_lse_ptr,
@@ -185,8 +189,8 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store k, v [T, Hkv, D] (rows may be strided, heads contiguous) into k_cache / v_cache
-    [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64 (block * block_size + offset); a negative slot
-    skips its row."""
+    [num_blocks, block_size, Hkv, D] at slot_mapping [T] int32 or int64 (block * block_size + offset); a negative
+    slot skips its row. Cache offsets are 64-bit: a layer's cache may hold more than 2^31 elements."""
     tokens, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape != v_cache.shape or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim):
         raise ValueError(f"write_kv: k {tuple(k.shape)}, v {tuple(v.shape)} do not fit cache {tuple(k_cache.shape)}")

@@ -83,7 +83,7 @@ def _compile_inputs(variant: Variant) -> tuple[Any, dict[str, str], dict[str, An
     if variant.kernel == "write_kv":
         fn, constexprs = kernels._write_kv_kernel, config.write_kv_constexprs(variant.group, variant.head_dim)
         options = config.WRITE_KV_OPTIONS
-        types = {"k_ptr": ptr, "v_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "slot_ptr": "*i64"}
+        types = {"k_ptr": ptr, "v_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "slot_ptr": "*i32"}  # as launched
     elif variant.kernel == "merge":
         fn, constexprs = kernels._merge_splits_kernel, config.merge_constexprs(variant.splits, variant.head_dim)
         options = config.MERGE_OPTIONS

@@ -75,6 +75,8 @@ def test_flash_attn_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plan_module, "triton_available", lambda device: None)
     assert _plan(CUDA, attention_backend="flash_attn").attention == "flash_attn"
     assert _plan(CUDA).attention == "triton"  # flash-attn is opt-in
+    with pytest.raises(ValueError, match="'flash_attn' .* not available: flash-attn computes in float16 or bfloat16"):
+        _plan(CUDA, dtype=torch.float32, attention_backend="flash_attn")  # its kernels have no float32
 
 
 def test_bad_backend_name_is_refused() -> None:

@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run under a timeout, tee to LOG, a
 step env 20 gpu_env.txt bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
 \"import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())\"; \
-for m in llguidance gguf bitsandbytes; do python3 -c \"import \$m\" 2>/dev/null || echo \"MISSING \$m (tests/gpu/site.sh)\"; done"
+for m in llguidance gguf bitsandbytes jsonschema; do python3 -c \"import \$m\" 2>/dev/null || echo \"MISSING \$m (tests/gpu/site.sh)\"; done"
 # 1. The engine on the GPU (130 s): every backend against transformers, CUDA graphs on and off, bf16, the profile-run
 #    KV sizing within the memory fraction, no host sync in a step (sync debug mode).
 step engine_gpu 130 gpu_tests.txt "${pytest[@]}" -m gpu tests/engine/test_gpu.py

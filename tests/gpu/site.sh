@@ -16,6 +16,16 @@ for pkg in llguidance gguf bitsandbytes; do
   cp -r "$dir" "$dest/"
   cp -r "$(dirname "$dir")/$pkg"-*.dist-info "$dest/" 2>/dev/null || true
 done
+# jsonschema (the grammar tests validate with it) has a compiled dependency (rpds-py): fetch the image's Python 3.12
+# wheels rather than copy this machine's build.
+wheels=$(mktemp -d)
+if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  -d "$wheels" jsonschema referencing jsonschema-specifications rpds-py >/dev/null 2>&1; then
+  for w in "$wheels"/*.whl; do python3 -m zipfile -e "$w" "$dest"; done
+else
+  echo "site.sh: could not fetch jsonschema's wheels; the GPU grammar test will fail to import it" >&2
+fi
+rm -rf "$wheels"
 find "$dest" -name __pycache__ -type d -prune -exec rm -rf {} +
 find "$dest" -name 'libbitsandbytes_*' ! -name 'libbitsandbytes_cuda13*' ! -name 'libbitsandbytes_cpu*' -delete
 du -sh "$dest"

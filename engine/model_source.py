@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from engine.default_model import default_model_path
 
 _HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,27 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> str:
         raise ValueError(f"could not fetch model {repo_id!r} (revision {revision or 'main'}): {e}") from e
 
 
+def _json_object(path: str) -> dict:
+    """The JSON object in the file at `path`; a ValueError naming the file for bad JSON or any other JSON value
+    (transformers versions differ in what they raise for those: 5.17 a TypeError for a list)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"malformed {os.path.basename(path)} in {os.path.dirname(path)!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"malformed {os.path.basename(path)} in {os.path.dirname(path)!r}: "
+            f"{_JSON_KINDS.get(type(value), 'null')}, not a JSON object"
+        )
+    return value
+
+
 def load_hf_config(files: ModelFiles, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    if not files.gguf_file:  # checked here: transformers does not reject every malformed config.json clearly
+        _json_object(os.path.join(files.directory, "config.json"))
     try:
         return AutoConfig.from_pretrained(
             files.directory, gguf_file=files.gguf_file, trust_remote_code=trust_remote_code
@@ -124,8 +143,7 @@ def _generation_config(files: ModelFiles) -> dict:
     path = os.path.join(files.directory, "generation_config.json")
     if files.gguf_file or not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return _json_object(path)
 
 
 def _generation_config_eos(files: ModelFiles):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from engine import LLM
 from tests.support.family_models import FAMILY_SPECS
-from tests.support.oracle import Engines, Oracle
+from tests.support.oracle import Engines, Oracle, reference_model
 from tests.support.tiny_models import TinyModels, greedy, random_prompt
 
 from .test_greedy import _check_staggered
@@ -64,8 +63,7 @@ def test_bf16_is_as_close_to_float32_as_transformers_bf16(
     themselves drift from float32 at near-ties, in both)."""
     llm = engines(name, dtype="bfloat16", max_batch_total_tokens=4096)
     seq2seq = FAMILY_SPECS[name].seq2seq
-    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    hf16 = auto.from_pretrained(tiny_models(name), dtype=torch.bfloat16).eval()
+    hf16 = reference_model(tiny_models(name), torch.bfloat16, seq2seq)
     ours = theirs = 0.0
     for out in llm.generate(TP_PROMPTS, greedy(12)):
         prompt, tokens = out.prompt_token_ids, torch.tensor(out.token_ids)

@@ -135,6 +135,16 @@ def test_malformed_config_json(content: str, tiny_models: TinyModels, tmp_path: 
         LLM(str(path), dtype="float32")
 
 
+@pytest.mark.parametrize("content", ["{", "[1, 2]"], ids=["truncated", "not-an-object"])
+def test_malformed_generation_config_json(content: str, tiny_models: TinyModels, tmp_path: Path) -> None:
+    """The generation config's EOS ids are read at start-up: a bad file is named, not a crash inside the engine."""
+    path = tmp_path / "bad_generation_config"
+    shutil.copytree(tiny_models("llama_gqa"), path)
+    (path / "generation_config.json").write_text(content)
+    with pytest.raises(ValueError, match="generation_config.json"):
+        LLM(str(path), dtype="float32")
+
+
 def test_unsupported_architecture(tiny_models: TinyModels, tmp_path: Path) -> None:
     path = tmp_path / "gpt2ish"
     shutil.copytree(tiny_models("llama_gqa"), path)

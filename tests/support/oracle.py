@@ -5,13 +5,24 @@ cached engines (`Engines`), plus `run_to_completion` to step an engine dry.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from engine import LLM, RequestOutput
 from tests.support.tiny_models import SPECS, TinyModels
 from tests.support.tiny_tokenizer import EOS_ID, PAD_ID
+
+
+def reference_model(path: Path, dtype: torch.dtype, seq2seq: bool = False) -> PreTrainedModel:
+    """transformers' model of the checkpoint at `path`, its attention implementation chosen here, not by the installed
+    version: eager where the config soft-caps attention logits (Gemma 2). SDPA cannot soft-cap, and transformers 5.17
+    still picks it for Gemma 2 by default, silently dropping the cap; later versions refuse SDPA for Gemma 2."""
+    config = AutoConfig.from_pretrained(path)
+    attn = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=dtype, **attn).eval()
 
 
 class Oracle:
@@ -25,10 +36,8 @@ class Oracle:
 
     def model(self, name: str) -> PreTrainedModel:
         if name not in self._models:
-            path = self.tiny_models(name)
-            spec = SPECS.get(name)
-            auto = AutoModelForSeq2SeqLM if getattr(spec, "seq2seq", False) else AutoModelForCausalLM
-            self._models[name] = auto.from_pretrained(path, dtype=torch.float32).eval()
+            seq2seq = getattr(SPECS.get(name), "seq2seq", False)
+            self._models[name] = reference_model(self.tiny_models(name), torch.float32, seq2seq)
         return self._models[name]
 
     def _seq2seq(self, name: str) -> bool:

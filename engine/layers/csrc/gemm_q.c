@@ -147,8 +147,8 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, const float *xsum, int mr, co
     }
 }
 
-/* int8 on fp32 multiply-adds (vdpbf16ps would cost more than the widening to bf16 it needs): a pair step's 32 codes
- * widen to two vectors of 8 outputs x the step's 2 inputs (lane 2l + e: output l, or 8 + l, times input 2i + e),
+/* int8 on fp32 multiply-adds (widening int8 to bf16 pairs for vdpbf16ps costs more): a pair step's 32 codes widen
+ * to two vectors of 8 outputs x the step's 2 inputs (lane 2l + e: output l, or 8 + l, times input 2i + e),
  * multiplied exactly (int8 x bf16 fits fp32) by x's pair (x[2i], x[2i+1]) repeated. At each group's end the even
  * and odd lanes are added into the 16 outputs' order, then scaled. xf: x in fp32, rows K apart. pf: prefetch the
  * codes PF8 bytes ahead (the first row block of a panel block reads them from memory, the others from cache). */
@@ -167,7 +167,7 @@ INLINE void tile8_kernel(const float *xf, const float *xsum, int mr, const QWeig
         for (int64_t i = g * steps; i < (g + 1) * steps; i += 2) { /* one 64-byte line of each panel */
             if (pf)
                 for (int j = 0; j < nr; j++) __builtin_prefetch(codes + j * panel_bytes + 32 * i + PF8, 0, 3);
-            for (int h = i; h < i + 2; h++) {
+            for (int64_t h = i; h < i + 2; h++) {
                 vf wl[NR8_1], wh[NR8_1];
                 for (int j = 0; j < nr; j++) {
                     wl[j] = widen16(codes + j * panel_bytes + 32 * h);

@@ -80,7 +80,7 @@ def _json_object(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # unreadable, a directory, bad bytes or JSON
         raise ValueError(f"malformed {os.path.basename(path)} in {os.path.dirname(path)!r}: {e}") from e
     if not isinstance(value, dict):
         raise ValueError(

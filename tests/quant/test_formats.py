@@ -123,6 +123,10 @@ def _with_kinds() -> list[IntWeight]:
     perm = torch.randperm(128)
     base = rtn(torch.randn(24, 128), 4, 32)
     out.append(IntWeight(4, base.codes, base.scales, base.offsets, "min", 32, perm))
+    # int8 wide enough for the single-row blocks of 6-8 panels (300 outputs = 19 panels), and int8 with mins
+    out.append(rtn(torch.randn(300, 384), 8, 128))
+    b8 = rtn(torch.randn(40, 128), 8, 32)
+    out.append(IntWeight(8, b8.codes, b8.scales, (torch.randn(b8.scales.shape) * 0.01).half(), "min", 32))
     return out
 
 

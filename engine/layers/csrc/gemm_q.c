@@ -165,7 +165,7 @@ INLINE void tile8_kernel(const float *xf, const float *xsum, int mr, const QWeig
         for (int a = 0; a < mr; a++)
             for (int j = 0; j < nr; j++) lo[a][j] = hi[a][j] = (vf){0};
         for (int64_t i = g * steps; i < (g + 1) * steps; i += 2) { /* one 64-byte line of each panel */
-            if (pf)
+            if (pf && 32 * i + PF8 < panel_bytes) /* never an address past the panel (the last one: the buffer) */
                 for (int j = 0; j < nr; j++) __builtin_prefetch(codes + j * panel_bytes + 32 * i + PF8, 0, 3);
             for (int64_t h = i; h < i + 2; h++) {
                 vf wl[NR8_1], wh[NR8_1];

@@ -1,8 +1,9 @@
 """One step of every dense family, and the batched sampler's processing, with the model, the cache and the logits on
 torch.device("meta"): a tensor made on the CPU in per-step code (a mask, an arange, a table built without device=)
 meets the meta tensors and raises in arithmetic and most kernels, as it would meet CUDA tensors on a GPU (not all:
-`index_select` / indexing with a CPU index pass on meta and raise on CUDA). On the CPU such a tensor goes unnoticed. MoE families read their routing counts on the host (no graphs for them) and T5 runs its encoder
-in the step; both are left out.
+`index_select` / indexing with a CPU index pass on meta and raise on CUDA). On the CPU such a tensor goes unnoticed.
+MoE families read their routing counts on the host (no graphs for them) and T5 runs its encoder in the step; both
+are left out.
 """
 
 from __future__ import annotations

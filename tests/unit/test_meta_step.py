@@ -1,7 +1,8 @@
 """One step of every dense family, and the batched sampler's processing, with the model, the cache and the logits on
 torch.device("meta"): a tensor made on the CPU in per-step code (a mask, an arange, a table built without device=)
-meets the meta tensors and raises in arithmetic and most kernels, as it would meet CUDA tensors on a GPU (not all:
-`index_select` / indexing with a CPU index pass on meta and raise on CUDA). On the CPU such a tensor goes unnoticed.
+meets the meta tensors and raises, as it would meet CUDA tensors on a GPU: meta alone lets CPU indices through
+(`index_select`, indexing), so the step runs under `NoDeviceMix`, which refuses any call mixing the two. On the CPU
+such a tensor goes unnoticed.
 MoE families read their routing counts on the host (no graphs for them) and T5 runs its encoder in the step; both
 are left out.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from engine.attention.base import attention_metadata
 from engine.attention.torch_twin import TorchBackend
@@ -23,6 +26,22 @@ META = torch.device("meta")
 BLOCK = 16
 SKIPPED = {"mixtral", "qwen2_moe", "qwen3_moe", "t5"}
 DENSE = sorted(a for a, t in MODEL_TYPES.items() if t not in SKIPPED)
+MOVES = {torch.Tensor.to, torch.Tensor.copy_}
+
+
+class NoDeviceMix(TorchFunctionMode):
+    """Raises where one call takes a meta tensor and a tensor elsewhere (CPU) - as CUDA raises for a CUDA tensor
+    next to a CPU one, which meta alone lets through for indices (`index_select`, indexing). 0-d CPU tensors are
+    scalars, which CUDA takes too; explicit moves (`.to`, `copy_`) are what the GPU path does on purpose."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func not in MOVES:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            devices = {t.device.type for t in tensors if t.dim() > 0 or t.device.type != "cpu"}
+            if "meta" in devices and len(devices) > 1:
+                raise RuntimeError(f"{getattr(func, '__name__', func)} mixes devices {sorted(devices)}")
+        return func(*args, **kwargs)
 
 
 def _mixed_step() -> StepInput:
@@ -56,10 +75,20 @@ def test_a_mixed_step_stays_on_the_model_device(architecture: str) -> None:
         layer.bind(backend, *backend.allocate(16, layer.num_kv_heads, layer.head_dim))
     step = _mixed_step()
     tensors = backend.step_tensors(step)
-    with torch.inference_mode(), attention_metadata(tensors.meta):
+    with torch.inference_mode(), attention_metadata(tensors.meta), NoDeviceMix():
         hidden = model(tensors.input_ids, tensors.positions)
-    logits = model.compute_logits(hidden.index_select(0, tensors.sample_rows))
+        logits = model.compute_logits(hidden.index_select(0, tensors.sample_rows))
     assert logits.device == META and tuple(logits.shape) == (len(step.sample_rows), cfg.vocab_size)
+
+
+def test_the_check_catches_what_meta_alone_lets_through() -> None:
+    x = torch.empty(4, 3, device=META)
+    x.index_select(0, torch.tensor([1, 2]))  # meta alone: no error, where CUDA raises
+    with NoDeviceMix(), pytest.raises(RuntimeError, match="mixes devices"):
+        x.index_select(0, torch.tensor([1, 2]))
+    with NoDeviceMix():
+        x * torch.tensor(2.0)  # a 0-d CPU scalar: CUDA takes it too
+        x[:2].copy_(torch.ones(2, 3))  # an explicit move
 
 
 def test_the_batched_sampler_stays_on_the_logits_device() -> None:
@@ -74,5 +103,6 @@ def test_the_batched_sampler_stays_on_the_logits_device() -> None:
     requests[3].allowed = torch.full(((vocab + 31) // 32,), -1, dtype=torch.int32)
     logits = torch.empty(len(requests), vocab, device=META)
     rows = _Rows.build(list(range(len(requests))), requests, vocab, META)
-    picked, failed, index = Sampler()._process(logits, rows)
+    with NoDeviceMix():
+        picked, failed, index = Sampler()._process(logits, rows)
     assert {picked.device, failed.device, index.device} == {META}

@@ -38,11 +38,12 @@ def wait_for_quiet(timeout: float, threshold: float = 0.1) -> float:
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes read per decode step, bytes resident) of the weights: parameters plus tensors a module keeps as
     plain attributes (packed copies for oneDNN or the GEMM kernel; KV caches excluded), tied weights counted
-    once. A plain weight that also has a packed copy (a tied embedding kept for lookups) is resident but not
-    read whole per step."""
+    once. A plain weight that also has a packed or quantized copy (a tied embedding kept for lookups) is resident
+    but not read whole per step."""
     tensors: dict[int, tuple[torch.Tensor, bool]] = {}
     for mod in model.modules():
         packed = isinstance(getattr(mod, "packed", None), (torch.Tensor, PackedWeight))
+        packed = packed or getattr(mod, "qmatmul", None) is not None  # its matmul reads the quantized copy
         own = [(n, t, not (packed and n == "weight")) for n, t in mod.named_parameters(recurse=False)]
         attrs = {n: t.data if isinstance(t, PackedWeight) else t for n, t in vars(mod).items()}
         own += [(n, t, True) for n, t in attrs.items() if isinstance(t, torch.Tensor) and "cache" not in n]

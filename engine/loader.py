@@ -1,7 +1,8 @@
 """Checkpoint readers yielding (transformers parameter name, tensor): safetensors (sharded or not) as unread
 slices each rank narrows to its part, `.bin` through `torch.load(weights_only=True, mmap=True)`, and GGUF
 dequantized with the `gguf` package (a whole tensor at a time: a rank's memory peak is not 1/N there), or, with
-`gguf_native`, the linear layers' Q4_0 / Q4_1 / Q8_0 tensors as IntWeight, exactly (engine/quant/gguf.py).
+`gguf_native`, the Q4_0 / Q4_1 / Q8_0 matrices (linear layers, token embedding, LM head) as IntWeight, exactly
+(engine/quant/gguf.py).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def _iter_gguf(path: str, hf_config, native: bool = False) -> Iterator[tuple[str
             name, part = f"{_GGUF_NAMES[base]}.{kind}", base
         shape = list(reversed(t.shape.tolist()))
         n_head = (heads.get(part) or hf_config.num_attention_heads) if permuted and part in heads else None
-        if native and m and kind == "weight" and "norm" not in part and t.tensor_type.name in gguf_quant.NATIVE:
+        matrix = (m and "norm" not in part) or part in ("token_embd", "output")  # linear layers, embedding, LM head
+        if native and matrix and kind == "weight" and t.tensor_type.name in gguf_quant.NATIVE:
             w = gguf_quant.to_int_weight(t.data, t.tensor_type.name, shape[0], shape[1])
             if n_head is not None:
                 w = gguf_quant.permute_rows(w, _unpermute(np.arange(shape[0]), n_head))

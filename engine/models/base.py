@@ -15,11 +15,12 @@ from torch import nn
 
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
-from engine.layers.embedding import ParallelLMHead
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase
 from engine.layers.moe import EXPERT_PARTS
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_parameters
+from engine.quant.int_weight import IntWeight
 from engine.weight_slice import Weight, materialize
 
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
@@ -133,6 +134,13 @@ class CausalLM(nn.Module):
             if pname not in params:
                 raise ValueError(f"unexpected tensor {ckpt_name!r} in the checkpoint")
             param = params[pname]
+            if isinstance(tensor, IntWeight) and param is self.lm_head.weight:  # GGUF-native: the file's own codes
+                tied, embedding = self.tie_word_embeddings, self._embedding(param)
+                if self.lm_head.load_quantized(tensor, tied) and (
+                    not tied or (embedding is not None and embedding.share_codes(self.lm_head))
+                ):
+                    loaded.add(pname)
+                    continue  # else the embedding loads them too, dequantized to the dtype for its lookups
             loader = getattr(param, "weight_loader", None)
             if shard is not None:
                 loader(param, tensor, shard)
@@ -154,6 +162,10 @@ class CausalLM(nn.Module):
         ]
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:5])}")
+
+    def _embedding(self, weight: nn.Parameter) -> VocabParallelEmbedding | None:
+        """The token embedding that holds `weight` (tied to the LM head)."""
+        return next((m for m in self.modules() if type(m) is VocabParallelEmbedding and m.weight is weight), None)
 
     def _target(self, name: str) -> tuple[str, object]:
         """A parameter name -> (the parameter that loads it, shard id or None)."""

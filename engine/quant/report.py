@@ -18,8 +18,8 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     seen: set[int] = set()
     for module in model.modules():
         qm = getattr(module, "qmatmul", None)
-        if qm is not None:
-            dense += qm.n * qm.k * dtype.itemsize
+        if qm is not None:  # a quantized head tied to a 16-bit embedding: its dense bytes are the embedding's
+            dense += 0 if getattr(module, "shares_dense_weight", False) else qm.n * qm.k * dtype.itemsize
             held += qm.nbytes
         for p in module.parameters(recurse=False):
             if id(p) in seen or p.numel() == 0:

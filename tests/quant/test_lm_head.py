@@ -159,6 +159,32 @@ def test_an_int8_tied_embedding_gathers_its_rows_on_two_ranks() -> None:
         assert torch.equal(emb._lookup(local), ref.bfloat16()[local + 51 * rank])
 
 
+class _NoReduce:
+    """The group's all-reduce left to the test: each rank's forward returns its own part."""
+
+    def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+@needs_kernel
+def test_two_ranks_embed_every_id_from_the_codes() -> None:
+    """forward on each rank (ids outside its slice masked to zero rows) summed over the ranks, as the all-reduce
+    does: every id, the last rank's last real row included, is its dequantized row."""
+    iw, ref = _gguf("Q8_0")
+    ids = torch.arange(VOCAB).flip(0).reshape(-1, 1)  # [VOCAB, 1]: any leading shape
+    total = torch.zeros(VOCAB, 1, HIDDEN, dtype=torch.bfloat16)
+    for rank in range(2):
+        head = _head("cpu_kernel", ParallelState(rank, 2))
+        assert head.load_quantized(iw, tied=True)
+        with torch.device("cpu"), building_with(ParallelState(rank, 2)):
+            emb = VocabParallelEmbedding(VOCAB, HIDDEN).bfloat16()
+        emb.weight = head.weight
+        assert emb.share_codes(head)
+        emb.tp = _NoReduce()  # type: ignore[assignment]
+        total += emb(ids)
+    assert torch.equal(total, ref.bfloat16()[ids])
+
+
 def test_a_quantized_head_for_another_device_holds_nothing_on_the_cpu() -> None:
     iw, _ = _gguf("Q8_0")
     head = _head("triton", device="meta")

@@ -5,6 +5,8 @@ GPUs), the dtype `auto` resolves to, and the CPU threads each of N ranks gets.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -48,3 +50,14 @@ def cpu_threads(configured: int | None, world_size: int, cores: int | None = Non
     if world_size == 1:
         return None
     return max(1, (cores or usable_cores()) // world_size)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside make their parameters in `dtype` (torch's default dtype, restored on the way out)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -18,7 +18,7 @@ import torch
 from engine.attention import create_backend
 from engine.attention.base import attention_metadata
 from engine.config import EngineConfig
-from engine.device import cpu_threads, rank_device, resolve_dtype
+from engine.device import cpu_threads, default_dtype, rank_device, resolve_dtype
 from engine.kv_sizing import device_memory, profile_kv_blocks
 from engine.loader import iter_weights
 from engine.model_source import ModelFiles
@@ -109,13 +109,8 @@ class ModelRunner:
 
     def _build(self, files: ModelFiles, build: QuantBuild | None) -> torch.nn.Module:
         """The native model: built in the dtype on the device (sharded, quantized layers as planned), then loaded."""
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with self.device, building_with(self.parallel), building_quantized(build):
-                model = get_model_class(self.hf_config)(self.hf_config, max_position=self.max_model_len)
-        finally:
-            torch.set_default_dtype(previous)
+        with default_dtype(self.dtype), self.device, building_with(self.parallel), building_quantized(build):
+            model = get_model_class(self.hf_config)(self.hf_config, max_position=self.max_model_len)
         gguf_native = self.quant is not None and self.quant.method == "gguf"
         model.load_weights(iter_weights(files, self.hf_config, gguf_native=gguf_native))
         finish(model)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.device import default_dtype
 from engine.loader import iter_weights
 from engine.model_source import load_hf_config, resolve_model
 from engine.models import get_model_class
@@ -64,13 +65,8 @@ def test_a_quantized_model_loads_wholly_onto_its_device(method: str, quant_model
     quant = resolve_quantization(requested, hf_config, False, torch.device("cpu"))
     assert quant is not None
     build = QuantBuild(quant, GPU_KERNEL.get(method, "triton"), meta, torch.bfloat16)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with meta, building_with(SINGLE_RANK), building_quantized(build):
-            model = get_model_class(hf_config)(hf_config, max_position=256)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(torch.bfloat16), meta, building_with(SINGLE_RANK), building_quantized(build):
+        model = get_model_class(hf_config)(hf_config, max_position=256)
     model.load_weights(iter_weights(files, hf_config))
     finish(model)
     quantized = [m for m in model.modules() if getattr(m, "qmatmul", None) is not None]

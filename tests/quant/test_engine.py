@@ -63,6 +63,12 @@ def _ref_log_probs(model, prompt: list[int], generated: list[int]) -> torch.Tens
     return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], dim=-1)
 
 
+def _chosen_log_probs(model, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """[len(generated)]: the reference model's log-probability of each generated token, teacher-forced."""
+    lp = _ref_log_probs(model, prompt, generated)
+    return lp.gather(1, torch.tensor(generated).unsqueeze(1)).squeeze(1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", CHECKPOINTS + AT_LOAD)
 def test_twins_give_the_dequantized_weights_logprobs(method: str, quant_models: QuantModels) -> None:
@@ -100,8 +106,7 @@ def test_kernels_in_bfloat16_follow_the_dequantized_weights(method: str, quant_m
     ref = _reference(quant_models, method, torch.bfloat16)
     outs = llm.generate(PROMPTS, greedy(NEW))
     for prompt, out in zip(PROMPTS, outs):
-        lp = _ref_log_probs(ref, prompt, out.token_ids)
-        chosen = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
+        chosen = _chosen_log_probs(ref, prompt, out.token_ids)
         assert (torch.tensor(out.logprobs) - chosen).abs().mean() < BF16_TOL.get(method, 0.08)
     llm.close()
 

@@ -14,7 +14,7 @@ from engine import LLM
 from engine.quant import cpu_kernel
 from engine.quant.int_weight import quantize
 from tests.quant.quant_models import QuantModels
-from tests.quant.test_engine import BF16_TOL, CONFIG, NEW, PROMPTS, _model, _ref_log_probs, _reference
+from tests.quant.test_engine import BF16_TOL, CONFIG, NEW, PROMPTS, _chosen_log_probs, _model, _reference
 from tests.support.tiny_models import greedy
 
 # mean |logprob| difference per token against float32 on the dequantized weights. FP8 also rounds activations to
@@ -64,8 +64,7 @@ def test_quantized_models_on_the_gpu(method: str, quant_models: QuantModels) -> 
         assert bool(plan.cuda_graphs) != bits, plan.describe()
         ref = _reference(quant_models, method, torch.bfloat16)
         for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy(NEW))):
-            lp = _ref_log_probs(ref, prompt, out.token_ids)
-            chosen = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
+            chosen = _chosen_log_probs(ref, prompt, out.token_ids)
             assert (torch.tensor(out.logprobs) - chosen).abs().mean() < tol, (method, out.logprobs)
     finally:
         llm.close()

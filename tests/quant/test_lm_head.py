@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, dequantize, quantize
 from transformers import LlamaConfig
 
+from engine.device import default_dtype
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.models import get_model_class
 from engine.parallel import SINGLE_RANK, ParallelState, building_with
@@ -40,13 +41,8 @@ def _gguf(type_name: str, n: int = VOCAB, k: int = HIDDEN, seed: int = 0) -> tup
 
 def _head(kernel: str, state: ParallelState = SINGLE_RANK, device: str = "cpu") -> ParallelLMHead:
     build = QuantBuild(GGUF, kernel, torch.device(device), torch.bfloat16)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device), building_with(state), building_quantized(build):
-            return ParallelLMHead(VOCAB, HIDDEN)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(torch.bfloat16), torch.device(device), building_with(state), building_quantized(build):
+        return ParallelLMHead(VOCAB, HIDDEN)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -92,13 +88,8 @@ def _llama(tied: bool, kernel: str) -> torch.nn.Module:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
     build = QuantBuild(GGUF, kernel, torch.device("cpu"), torch.bfloat16)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with building_with(SINGLE_RANK), building_quantized(build):
-            return get_model_class(cfg)(cfg, max_position=64)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(torch.bfloat16), building_with(SINGLE_RANK), building_quantized(build):
+        return get_model_class(cfg)(cfg, max_position=64)
 
 
 def _stream(model: torch.nn.Module, matrices: dict[str, IntWeight]):
@@ -203,13 +194,8 @@ def test_a_tied_int8_head_steps_on_another_device_without_a_cpu_tensor() -> None
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     meta = torch.device("meta")
     build = QuantBuild(GGUF, "twin", meta, torch.bfloat16)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with meta, building_with(SINGLE_RANK), building_quantized(build):
-            model = get_model_class(cfg)(cfg, max_position=64)
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(torch.bfloat16), meta, building_with(SINGLE_RANK), building_quantized(build):
+        model = get_model_class(cfg)(cfg, max_position=64)
     model.load_weights(_stream(model, {"model.embed_tokens.weight": iw}))
     finish(model)
     assert model.model.embed_tokens.codes is not None

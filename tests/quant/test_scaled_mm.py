@@ -14,7 +14,7 @@ from engine import LLM, model_runner
 from engine.quant import fp8
 from engine.quant.matmul import Fp8Matmul
 from tests.quant.quant_models import QuantModels
-from tests.quant.test_engine import CONFIG, NEW, PROMPTS, _ref_log_probs, _reference
+from tests.quant.test_engine import CONFIG, NEW, PROMPTS, _chosen_log_probs, _reference
 from tests.quant.test_gpu import FP8_TOL
 from tests.support.tiny_models import greedy
 
@@ -114,8 +114,7 @@ def test_an_fp8_checkpoint_through_the_engine_on_scaled_mm(
         assert llm.engine.runner.plan.quant.endswith("on scaled_mm")
         ref = _reference(quant_models, "fp8", torch.bfloat16)
         for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy(NEW))):
-            lp = _ref_log_probs(ref, prompt, out.token_ids)
-            chosen = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
+            chosen = _chosen_log_probs(ref, prompt, out.token_ids)
             assert (torch.tensor(out.logprobs) - chosen).abs().mean() < FP8_TOL
     finally:
         llm.close()

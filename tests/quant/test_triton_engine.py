@@ -14,7 +14,7 @@ import torch
 
 from engine import LLM, model_runner
 from tests.quant.quant_models import QuantModels
-from tests.quant.test_engine import CONFIG, NEW, PROMPTS, _model, _ref_log_probs, _reference
+from tests.quant.test_engine import CONFIG, NEW, PROMPTS, _chosen_log_probs, _model, _reference
 from tests.quant.test_gpu import TOL
 from tests.support.tiny_models import greedy
 
@@ -34,8 +34,7 @@ def test_int_formats_on_the_triton_kernel_follow_the_dequantized_weights(
         assert llm.engine.runner.plan.quant.endswith("on triton")
         ref = _reference(quant_models, method, torch.float16)
         for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy(NEW))):
-            lp = _ref_log_probs(ref, prompt, out.token_ids)
-            chosen = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
+            chosen = _chosen_log_probs(ref, prompt, out.token_ids)
             assert (torch.tensor(out.logprobs) - chosen).abs().mean() < TOL
     finally:
         llm.close()

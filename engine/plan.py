@@ -146,7 +146,9 @@ def resolve_quant_kernel(config: EngineConfig, quant: QuantConfig, device: torch
         return "scaled_mm" if fp8_gpu else "dequantized"  # FP8 checkpoints elsewhere: served in the dtype
     if device.type == "cuda":
         return "triton" if triton_available(device) is None else "twin"
-    return "cpu_kernel" if dtype == torch.bfloat16 and cpu_kernel.available() else "twin"
+    if dtype != torch.bfloat16 or not cpu_kernel.available():
+        return "twin"
+    return cpu_kernel.kernel_name()
 
 
 def resolve_plan(
@@ -168,7 +170,7 @@ def resolve_plan(
     gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
     # the decoder stack runs the bf16 GEMM kernel's weights, or the int kernel's (engine/quant); it steps aside for
     # other quantized matmuls
-    on_kernel = bool(gemm) if quant == "none" else quant.endswith(" on cpu_kernel")
+    on_kernel = bool(gemm) if quant == "none" else quant.endswith((" on cpu_kernel", " on cpu_amx"))
     stack = attention == "cpu_paired" and fused and on_kernel and config.cpu_decoder_stack
     graphs: tuple[int, ...] = ()
     # bitsandbytes' LLM.int8 finds its outlier columns per call (a host sync): no graph captures it

@@ -69,7 +69,7 @@ def _on_kernel(lin, quantized: bool) -> bool:
     if not quantized:
         return lin.qmatmul is None and isinstance(lin.packed, PackedWeight)
     q = lin.qmatmul
-    return q is not None and getattr(q, "kernel", None) == "cpu_kernel" and q.packed.perm is None
+    return q is not None and getattr(q, "kernel", None) in cpu_kernel.KERNELS and q.packed.perm is None
 
 
 class DecoderStack:

@@ -20,7 +20,7 @@ from engine.quant.layer import current_build
 from engine.quant.matmul import IntMatmul
 from engine.weight_slice import Weight, materialize, narrow_clamped
 
-INT_KERNELS = ("cpu_kernel", "triton", "twin")  # the plan's matmuls for IntWeight (engine/plan.py)
+INT_KERNELS = ("cpu_kernel", "cpu_amx", "triton", "twin")  # the plan's matmuls for IntWeight (engine/plan.py)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -16,8 +16,11 @@ from engine.layers.cpu_build import bind, load_library
 from engine.quant.int_weight import OFFSET_KINDS, IntWeight
 
 LANES = 16  # outputs per panel
+# The plan's names for this kernel (engine/plan.py: resolve_quant_kernel): AVX-512 (or portable) code only, or with
+# int4 on AMX tiles from 3 rows (csrc/gemm_q_amx.h; fewer rows stay on AVX-512)
+KERNELS = ("cpu_kernel", "cpu_amx")
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_ARGTYPES = [_P, _I64, _P, _P, _P, _INT, _INT, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT]
+_ARGTYPES = [_P, _I64, _P, _P, _P, _INT, _INT, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT]
 
 
 @functools.cache
@@ -29,17 +32,40 @@ def _lib() -> ctypes.CDLL | None:
 def bind_gemm_q(lib: ctypes.CDLL) -> ctypes.CDLL:
     bind(lib, ["gemm_q"], _ARGTYPES)
     bind(lib, ["gemm_q_desc"], [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT])
+    lib.gemm_q_amx_init.argtypes, lib.gemm_q_amx_init.restype = [], _INT
+    lib.gemm_q_amx_calls.argtypes, lib.gemm_q_amx_calls.restype = [], _I64
     return lib
 
 
 class QDesc(ctypes.Structure):
     """A packed weight as csrc/gemm_q.c's gemm_q_desc reads it (the decoder stack's GEMM pointer takes one)."""
 
-    _fields_ = [("codes", _P), ("scales", _P), ("offsets", _P), ("bits", _I64), ("offset_kind", _I64), ("group", _I64)]
+    _fields_ = [
+        ("codes", _P), ("scales", _P), ("offsets", _P), ("bits", _I64), ("offset_kind", _I64), ("group", _I64),
+        ("amx", _I64),
+    ]  # fmt: skip
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether int4 runs on AMX tiles here: built for a CPU with AMX-BF16 and the OS grants the tile state."""
+    lib = _lib()
+    return lib is not None and bool(lib.gemm_q_amx_init())
+
+
+def kernel_name() -> str:
+    """The plan's name for this kernel on this CPU (one of KERNELS)."""
+    return "cpu_amx" if amx_available() else "cpu_kernel"
+
+
+def amx_calls() -> int:
+    """How many matmuls have run on AMX tiles in this process (for tests: which path ran)."""
+    lib = _lib()
+    return 0 if lib is None else int(lib.gemm_q_amx_calls())
 
 
 def supports(w: IntWeight) -> bool:
@@ -58,12 +84,15 @@ class PackedInt:
     n: int
     k: int
     perm: torch.Tensor | None  # [K] inputs gathered in this order before the matmul (act-order)
+    amx: bool = False  # int4 with groups of 32k inputs on AMX tiles (the plan's "cpu_amx"; amx_available())
 
     def desc(self) -> QDesc:
         """The descriptor for gemm_q_desc (it points into this weight's tensors: keep the weight alive)."""
         offsets = None if self.offsets is None else self.offsets.data_ptr()
         kind = OFFSET_KINDS.index(self.offset_kind)
-        return QDesc(self.codes.data_ptr(), self.scales.data_ptr(), offsets, self.bits, kind, self.group_size)
+        return QDesc(
+            self.codes.data_ptr(), self.scales.data_ptr(), offsets, self.bits, kind, self.group_size, int(self.amx)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -132,7 +161,7 @@ def linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None, lib:
         lib.gemm_q(
             x2.data_ptr(), x2.stride(0), p.codes.data_ptr(), p.scales.data_ptr(),
             None if p.offsets is None else p.offsets.data_ptr(), p.bits, OFFSET_KINDS.index(p.offset_kind),
-            p.group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), p.n, m, p.n, p.k,
+            p.group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), p.n, m, p.n, p.k, int(p.amx),
             torch.get_num_threads(),
         )  # fmt: skip
     y = y.reshape(*lead, p.n)

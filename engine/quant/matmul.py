@@ -1,6 +1,7 @@
 """The matmul a quantized linear layer runs, chosen once by the plan (engine/plan.py: resolve_quant_kernel):
 
-    int formats (int4 / int8 / GPTQ / AWQ / GGUF): "cpu_kernel" (csrc/gemm_q.c), "triton" (GPUs), or "twin"
+    int formats (int4 / int8 / GPTQ / AWQ / GGUF): "cpu_kernel" (csrc/gemm_q.c), "cpu_amx" (the same, int4 on AMX
+        tiles), "triton" (GPUs), or "twin"
     bitsandbytes modes: "bitsandbytes", or "twin"
     fp8: "scaled_mm" (GPUs with FP8), or "twin"
 
@@ -46,7 +47,7 @@ class IntMatmul(QuantMatmul):
         p = cpu_kernel.pack(w)  # one layout for every kernel: the CPU's panels (the Triton kernel reads them too)
         self.packed = cpu_kernel.PackedInt(
             p.codes.to(device), p.scales.to(device), None if p.offsets is None else p.offsets.to(device), p.bits,
-            p.offset_kind, p.group_size, p.n, p.k, None if p.perm is None else p.perm.to(device),
+            p.offset_kind, p.group_size, p.n, p.k, None if p.perm is None else p.perm.to(device), kernel == "cpu_amx",
         )  # fmt: skip
         self.codes, self.scales, self.offsets, self.perm = (
             self.packed.codes,
@@ -56,7 +57,7 @@ class IntMatmul(QuantMatmul):
         )  # tensor attributes, as the benchmark counts weight bytes
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kernel == "cpu_kernel":
+        if self.kernel in cpu_kernel.KERNELS:
             return cpu_kernel.linear(x, self.packed, bias)
         if self.kernel == "triton":
             from engine.quant import triton_kernel

@@ -14,10 +14,13 @@ from gguf import GGUFReader, dequantize
 from engine import LLM, SamplingParams
 from engine.benchmark import build_prompts
 from engine.default_model import default_model_path
+from engine.quant import cpu_kernel
 from engine.quant.report import weight_bytes
 
 pytestmark = pytest.mark.slow
-LOGPROB_TOL = 0.06  # mean |logprob| difference over the tokens both pick: float32-exact weights vs bf16-rounded ones
+# mean |logprob| difference over the tokens both pick, pooled over the prompts (a prompt whose answers part after 4
+# tokens weighs 4 tokens): float32-exact weights vs bf16-rounded ones
+LOGPROB_TOL = 0.06
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def test_the_tied_head_serves_token_embd_q8_0_codes(pair: tuple[LLM, LLM]) -> No
     assert tensor.tensor_type.name == "Q8_0" and "output.weight" not in {t.name for t in GGUFReader(
         default_model_path()).tensors}  # fmt: skip
     want = dequantize(tensor.data, tensor.tensor_type).reshape(head.qmatmul.n, head.qmatmul.k)
-    assert head.qmatmul.bits == 8 and head.qmatmul.kernel == "cpu_kernel"
+    assert head.qmatmul.bits == 8 and head.qmatmul.kernel in cpu_kernel.KERNELS
     assert np.array_equal(head.qmatmul.dequantize().numpy().view(np.uint32), want.view(np.uint32))
     assert embedding.weight.numel() == 0
     ids = torch.tensor([0, 1, 1000, head.qmatmul.n - 1])
@@ -74,7 +77,7 @@ def test_the_default_model_answers_as_in_bf16(pair: tuple[LLM, LLM]) -> None:
     params = SamplingParams(max_new_tokens=32, do_sample=False, top_n_tokens=2)
     got, want = native.generate(prompts, params), dense.generate(prompts, params)
     assert native.tokenizer.decode(got[0].token_ids, skip_special_tokens=True) == "The capital of France is Paris."
-    common = 0
+    common, diffs = 0, []
     for g, w in zip(got, want):
         n = next((i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b), len(w.token_ids))
         common += n
@@ -84,6 +87,6 @@ def test_the_default_model_answers_as_in_bf16(pair: tuple[LLM, LLM]) -> None:
                 assert other.token_ids[0] in runner_up, (mine.top_tokens[0], other.token_ids[0])
                 assert mine.logprobs[0] - runner_up[other.token_ids[0]] < NEAR_TIE
             continue
-        diff = (torch.tensor(g.logprobs[:n]) - torch.tensor(w.logprobs[:n])).abs()
-        assert diff.mean() < LOGPROB_TOL, diff
+        diffs.append((torch.tensor(g.logprobs[:n]) - torch.tensor(w.logprobs[:n])).abs())
+    assert torch.cat(diffs).mean() < LOGPROB_TOL, diffs
     assert common >= 0.5 * sum(len(w.token_ids) for w in want)  # greedy parts only at near-ties

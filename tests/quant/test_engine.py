@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from engine import LLM
-from engine.quant import bnb
+from engine.quant import bnb, cpu_kernel
 from engine.quant.int_weight import default_group_size
 from engine.quant.int_weight import quantize as rtn
 from tests.quant.checkpoints import is_linear
@@ -101,7 +101,8 @@ def test_kernels_in_bfloat16_follow_the_dequantized_weights(method: str, quant_m
     path, quantize = _model(quant_models, method)
     llm = LLM(path, dtype="bfloat16", quantize=quantize, **CONFIG)
     plan = llm.engine.runner.plan.quant
-    kernel = {"fp8": "dequantized"}.get(method, "bitsandbytes" if method.startswith("bits") else "cpu_kernel")
+    cpu = cpu_kernel.kernel_name()  # cpu_amx where this CPU has AMX tiles
+    kernel = {"fp8": "dequantized"}.get(method, "bitsandbytes" if method.startswith("bits") else cpu)
     assert plan.endswith(f"on {kernel}"), plan
     ref = _reference(quant_models, method, torch.bfloat16)
     outs = llm.generate(PROMPTS, greedy(NEW))

@@ -5,6 +5,8 @@ against its dequantizing twin.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -130,18 +132,51 @@ def _with_kinds() -> list[IntWeight]:
     return out
 
 
+AMX = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_kernel.amx_available(), reason="no AMX tiles"))]
+
+
 @pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 33])
-def test_cpu_kernel_matches_its_twin(rows: int) -> None:
+@pytest.mark.parametrize("amx", AMX)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16, 33])
+def test_cpu_kernel_matches_its_twin(rows: int, amx: bool) -> None:
     """The kernel multiplies by the exact dequantized weights (bf16 x, float32 sums): the twin's float32 product of
-    the same bf16 x, to the output's bf16 rounding."""
+    the same bf16 x, to the output's bf16 rounding. With `amx`, int4 from 3 rows runs on AMX tiles."""
     for w in _with_kinds():
-        packed = cpu_kernel.pack(w)
+        packed = dataclasses.replace(cpu_kernel.pack(w), amx=amx)
         x = torch.randn(rows, w.shape[1]).bfloat16()
         bias = torch.randn(w.shape[0]).bfloat16()
         got = cpu_kernel.linear(x, packed, bias).float()
         want = F.linear(x.float(), w.dequantize(), bias.float())
         torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item() / 8, rtol=8e-3)
+
+
+@pytest.mark.skipif(not cpu_kernel.amx_available(), reason="no AMX tiles")
+@pytest.mark.skipif(not cpu_kernel.amx_available(), reason="no AMX tiles")
+def test_amx_tiles_leave_one_and_two_rows_and_int8_to_avx512() -> None:
+    packed = {bits: cpu_kernel.pack(rtn(torch.randn(48, 64), bits, 32)) for bits in (4, 8)}
+    before = cpu_kernel.amx_calls()
+    for bits, rows in ((4, 1), (4, 2), (8, 3), (8, 16)):
+        cpu_kernel.linear(torch.randn(rows, 64).bfloat16(), dataclasses.replace(packed[bits], amx=True))
+    assert cpu_kernel.amx_calls() == before
+    cpu_kernel.linear(torch.randn(3, 64).bfloat16(), dataclasses.replace(packed[4], amx=True))
+    assert cpu_kernel.amx_calls() == before + 1
+
+
+@pytest.mark.skipif(not cpu_kernel.amx_available(), reason="no AMX tiles")
+@pytest.mark.parametrize("rows", [3, 16, 17, 40])
+def test_amx_tiles_agree_with_the_avx512_kernel(rows: int) -> None:
+    """int4 on AMX tiles against the AVX-512 kernel on the same packed weight (groups of 32, 64, 128; panels left
+    over from blocks of four; partial last panels; rows beyond one tile): the same float32 sums up to their order."""
+    torch.manual_seed(1)
+    for n, k, group in ((37, 128, 32), (200, 192, 64), (96, 384, 128)):
+        packed = cpu_kernel.pack(rtn(torch.randn(n, k), 4, group))
+        x = torch.randn(rows, k).bfloat16()
+        before = cpu_kernel.amx_calls()
+        tiles = cpu_kernel.linear(x, dataclasses.replace(packed, amx=True)).float()
+        assert cpu_kernel.amx_calls() == before + 1
+        avx = cpu_kernel.linear(x, packed).float()
+        assert cpu_kernel.amx_calls() == before + 1
+        torch.testing.assert_close(tiles, avx, atol=1e-2 * avx.abs().max().item() / 8, rtol=8e-3)
 
 
 def test_fp8_scales_per_tensor_channel_and_block() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from engine import LLM
 from engine.parallel_config import ParallelConfigError
+from engine.quant import cpu_kernel
 from engine.quant.config import QuantizationError
 from tests.quant.quant_models import QuantModels
 from tests.support.serve_process import base_env, run_serve
@@ -117,8 +118,9 @@ def test_serve_reports_the_quantization_in_info_and_the_log(quant_models: QuantM
         server.wait_ready()
         with urllib.request.urlopen(server.url("/info"), timeout=10) as response:
             info = json.loads(response.read())
-        assert info["quantize"] == "gptq int4 g32 on cpu_kernel"
-        assert "MiB in bfloat16 ->" in server.log() and "(quantization: gptq int4 g32 on cpu_kernel)" in server.log()
+        kernel = cpu_kernel.kernel_name()  # cpu_amx where this CPU has AMX tiles
+        assert info["quantize"] == f"gptq int4 g32 on {kernel}"
+        assert "MiB in bfloat16 ->" in server.log() and f"(quantization: gptq int4 g32 on {kernel})" in server.log()
         server.proc.terminate()
         assert server.wait_exit(60) == 0
     finally:

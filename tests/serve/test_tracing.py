@@ -166,7 +166,6 @@ def test_a_request_without_context_starts_a_trace_and_logs_its_id(traced: Traced
     check_engine_spans(traced.spans(), http, generated=3)
 
 
-
 def test_a_caller_that_does_not_sample_gets_no_spans_and_no_step_spans(traced: Traced) -> None:
     """A traceparent with the sampled flag off (parent-based sampling drops the request): nothing is exported, not
     even the step spans of the steps that ran it (a step span exists only for sampled requests)."""
@@ -177,6 +176,7 @@ def test_a_caller_that_does_not_sample_gets_no_spans_and_no_step_spans(traced: T
     assert r.status_code == 200 and r.headers["x-trace-id"] == TRACE
     time.sleep(0.2)  # the engine loop ends its spans after the last event
     assert traced.spans() == []
+
 
 def test_a_422_is_a_span_with_its_error_type_and_no_engine_work(traced: Traced) -> None:
     r = traced.app().test_client().post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 0}},

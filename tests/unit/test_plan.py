@@ -97,3 +97,21 @@ def test_options_the_backend_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_plan(EngineConfig(attention_backend="triton"), CUDA, torch.bfloat16, 64, 16, bias)
     assert resolve_plan(EngineConfig(), CUDA, torch.bfloat16, 64, 16, graphs_allowed=False).cuda_graphs == ()
     assert resolve_plan(EngineConfig(), CPU, torch.bfloat16, 64, 32, bias).attention == "cpu_paired"
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_int_formats_take_amx_tiles_where_the_cpu_has_them(monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    """The plan names the CPU int kernel with AMX tiles ("cpu_amx") where this CPU and OS run them; the decoder stack
+    takes both; float32 engines and configs without kernels keep the twin."""
+    from engine.quant import cpu_kernel
+    from engine.quant.config import QuantConfig
+
+    monkeypatch.setattr(cpu_kernel, "available", lambda: True)
+    monkeypatch.setattr(cpu_kernel, "amx_available", lambda: amx)
+    int4 = QuantConfig("int4")
+    kernel = plan_module.resolve_quant_kernel(EngineConfig(), int4, CPU, torch.bfloat16)
+    assert kernel == ("cpu_amx" if amx else "cpu_kernel")
+    assert plan_module.resolve_quant_kernel(EngineConfig(), int4, CPU, torch.float32) == "twin"
+    assert plan_module.resolve_quant_kernel(EngineConfig(quant_kernel=False), int4, CPU, torch.bfloat16) == "twin"
+    p = resolve_plan(EngineConfig(), CPU, torch.bfloat16, 64, 32, quant=f"int4 g128 on {kernel}")
+    assert p.decoder_stack and p.describe().endswith(f"quant=int4_g128_on_{kernel} model=native")

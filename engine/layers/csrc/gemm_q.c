@@ -22,6 +22,12 @@
 #define NR8 2   /* int8: panels per register block (rows > 1) */
 #define NR8_1 8 /* int8: panels per register block of a single row (more weight streams in flight) */
 #define PF8 512 /* int8: prefetch distance in bytes of each panel's codes */
+#ifndef PF4
+#define PF4 1 /* int4: prefetch the next panel block while this one runs */
+#endif
+#ifndef PF4_LOCALITY
+#define PF4_LOCALITY 2
+#endif
 #define PARALLEL_MIN_MACS 65536
 
 typedef uint16_t f16;
@@ -93,10 +99,12 @@ typedef struct {
     const f16 *scales, *offsets; /* [panel][G][16] */
 } QWeight;
 
+#include "gemm_q_amx.h"
+
 /* int4: mr rows x nr panels of y; xsum [rows][G] (row stride G). Two group accumulators per (row, panel), one per
  * pair step of a step pair, keep more vdpbf16ps chains independent (its latency, not its throughput, bounds a GEMV). */
 INLINE void tile_kernel(const bf16 *x, int64_t xs, const float *xsum, int mr, const QWeight *w, int64_t p, int nr,
-                        const bf16 *bias, bf16 *y, int64_t ys, int lanes) {
+                        int pfn, const bf16 *bias, bf16 *y, int64_t ys, int lanes) {
     const int64_t K = w->K, G = w->G, steps = w->group / 2, panel_bytes = K * 8; /* pair steps per group */
     const uint8_t *codes = w->codes + p * panel_bytes;
     vf acc[MR][NR1];
@@ -107,6 +115,7 @@ INLINE void tile_kernel(const bf16 *x, int64_t xs, const float *xsum, int mr, co
         for (int a = 0; a < mr; a++)
             for (int j = 0; j < nr; j++) ga[a][j] = gb[a][j] = (vf){0};
         for (int64_t i = g * steps; i < (g + 1) * steps; i += 4) { /* one quad: pair steps i..i+3 */
+            for (int j = 0; j < pfn; j++) __builtin_prefetch(codes + (nr + j) * panel_bytes + 16 * i, 0, PF4_LOCALITY);
 #ifdef __AVX512BF16__
             __m512i v[NR1];
 #else
@@ -202,10 +211,10 @@ INLINE void tile8_kernel(const float *xf, const float *xsum, int mr, const QWeig
 
 #define TILE_CASE(R, C)                                                                                      \
     case (R) * 8 + (C):                                                                                      \
-        tile_kernel(x, xs, xsum, R, w, p, C, bias, y, ys, lanes);                                            \
+        tile_kernel(x, xs, xsum, R, w, p, C, pfn, bias, y, ys, lanes);                                       \
         break;
 
-static void tile(const bf16 *x, int64_t xs, const float *xsum, int mr, const QWeight *w, int64_t p, int nr,
+static void tile(const bf16 *x, int64_t xs, const float *xsum, int mr, const QWeight *w, int64_t p, int nr, int pfn,
                  const bf16 *bias, bf16 *y, int64_t ys, int lanes) {
     switch (mr * 8 + nr) {
         TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4)
@@ -231,10 +240,35 @@ static void tile8(const float *xf, const float *xsum, int mr, const QWeight *w, 
     }
 }
 
-/* x [M, K] (rows xs apart), y [M, N] (rows ys apart), bias [N] or NULL */
+/* Panels p0..p1 of y in blocks of nr panels x mr rows; while a block's first row block runs, int4 prefetches the
+ * next block's codes (the hardware prefetcher alone restarts at each panel, K * 8 bytes, and leaves the stream short
+ * of bandwidth) */
+static void avx_panels(const bf16 *x, int64_t xs, const float *xf, const float *xsum, const QWeight *w, int64_t M,
+                       int64_t N, int64_t p0, int64_t p1, const bf16 *bias, bf16 *y, int64_t ys) {
+    const int64_t K = w->K, G = w->G, bits = w->bits;
+    const int64_t step = bits == 8 ? (M == 1 ? NR8_1 : NR8) : (M == 1 ? NR1 : NR), rows = bits == 8 ? MR8 : MR;
+    for (int64_t p = p0; p < p1; p += step) {
+        const int nr = (int)(p1 - p < step ? p1 - p : step);
+        const int64_t ahead = p1 - (p + nr); /* the next block's panels in this thread's range */
+        const int pfn = PF4 ? (int)(ahead < nr ? ahead : nr) : 0;
+        const int64_t n0 = LANES * p;
+        const int last = N - n0 - LANES * (nr - 1) < LANES ? (int)(N - n0 - LANES * (nr - 1)) : LANES;
+        const bf16 *b = bias ? bias + n0 : 0;
+        for (int64_t r = 0; r < M; r += rows) {
+            const int mr = (int)(M - r < rows ? M - r : rows);
+            if (bits == 8)
+                tile8(xf + r * K, xsum + r * G, mr, w, p, nr, r == 0, b, y + r * ys + n0, ys, last);
+            else
+                tile(x + r * xs, xs, xsum + r * G, mr, w, p, nr, r == 0 ? pfn : 0, b, y + r * ys + n0, ys, last);
+        }
+    }
+}
+
+/* x [M, K] (rows xs apart), y [M, N] (rows ys apart), bias [N] or NULL; amx: int4 in groups of 32k inputs on AMX
+ * tiles (gemm_q_amx.h) from AMX_MIN_ROWS rows, where this build and the OS allow them */
 void gemm_q(const bf16 *x, int64_t xs, const uint8_t *codes, const f16 *scales, const f16 *offsets, int bits,
             int offset_kind, int64_t group, const bf16 *bias, bf16 *y, int64_t ys, int64_t M, int64_t N, int64_t K,
-            int num_threads) {
+            int amx, int num_threads) {
     const QWeight w = {N, K, K / group, group, bits, offset_kind, codes, scales, offsets};
     const int64_t G = w.G, num_panels = (N + LANES - 1) / LANES;
     float *xsum = malloc(sizeof(float) * (size_t)(M * G > 0 ? M * G : 1));
@@ -251,6 +285,8 @@ void gemm_q(const bf16 *x, int64_t xs, const uint8_t *codes, const f16 *scales, 
             for (int64_t k = 0; k < K; k++) xf[r * K + k] = bf16_to_f32(x[r * xs + k]);
     }
     const int parallel = num_panels >= 2 && M * N * K >= PARALLEL_MIN_MACS;
+    amx = amx && AMX_BUILT && bits == 4 && group % 32 == 0 && M >= AMX_MIN_ROWS && gemm_q_amx_init(); /* else AVX-512 */
+    if (amx) __atomic_add_fetch(&amx_calls, 1, __ATOMIC_RELAXED);
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
 #ifdef _OPENMP
@@ -260,20 +296,12 @@ void gemm_q(const bf16 *x, int64_t xs, const uint8_t *codes, const f16 *scales, 
         const int64_t t = 0, T = 1;
 #endif
         const int64_t p0 = num_panels * t / T, p1 = num_panels * (t + 1) / T;
-        const int64_t step = bits == 8 ? (M == 1 ? NR8_1 : NR8) : (M == 1 ? NR1 : NR), rows = bits == 8 ? MR8 : MR;
-        for (int64_t p = p0; p < p1; p += step) {
-            const int nr = (int)(p1 - p < step ? p1 - p : step);
-            const int64_t n0 = LANES * p;
-            const int last = N - n0 - LANES * (nr - 1) < LANES ? (int)(N - n0 - LANES * (nr - 1)) : LANES;
-            for (int64_t r = 0; r < M; r += rows) {
-                const int mr = (int)(M - r < rows ? M - r : rows);
-                const bf16 *b = bias ? bias + n0 : 0;
-                if (bits == 8)
-                    tile8(xf + r * K, xsum + r * G, mr, &w, p, nr, r == 0, b, y + r * ys + n0, ys, last);
-                else
-                    tile(x + r * xs, xs, xsum + r * G, mr, &w, p, nr, b, y + r * ys + n0, ys, last);
-            }
-        }
+#if AMX_BUILT
+        if (amx)
+            amx_panels(x, xs, xsum, &w, M, N, p0, p1, bias, y, ys);
+        else
+#endif
+            avx_panels(x, xs, xf, xsum, &w, M, N, p0, p1, bias, y, ys);
     }
     free(xsum);
     free(xf);
@@ -283,11 +311,11 @@ void gemm_q(const bf16 *x, int64_t xs, const uint8_t *codes, const f16 *scales, 
 typedef struct {
     const uint8_t *codes;
     const f16 *scales, *offsets;
-    int64_t bits, offset_kind, group;
+    int64_t bits, offset_kind, group, amx;
 } QDesc;
 
 void gemm_q_desc(const bf16 *x, int64_t xs, const QDesc *w, const bf16 *bias, bf16 *y, int64_t ys, int64_t M,
                  int64_t N, int64_t K, int num_threads) {
     gemm_q(x, xs, w->codes, w->scales, w->offsets, (int)w->bits, (int)w->offset_kind, w->group, bias, y, ys, M, N, K,
-           num_threads);
+           (int)w->amx, num_threads);
 }

@@ -49,9 +49,10 @@ class EngineLoop:
 
     # ---- requests in ------------------------------------------------------------------------
 
-    def submit(self, key: Key, request: EngineRequest) -> bool:
-        """Admit and add a request; a refusal is delivered (503 draining, 429 overloaded, 422 invalid)."""
-        if self.draining:
+    def submit(self, key: Key, request: EngineRequest, before_drain: bool = False) -> bool:
+        """Admit and add a request; a refusal is delivered (503 draining, 429 overloaded, 422 invalid).
+        `before_drain`: the request was queued before the drain began, so it is served like those in flight."""
+        if self.draining and not before_drain:
             self.deliver(key, UnavailableError("the server is shutting down"))
             return False
         if len(self.in_flight) >= self.max_concurrent_requests:

@@ -94,6 +94,7 @@ class InProcessEngineClient(EngineClient):
         self.loop = EngineLoop(engine, max_concurrent_requests, self._deliver, spans)
         self._cond = threading.Condition()
         self._pending: list[_Stream] = []
+        self._before_drain: set[int] = set()  # keys queued when a drain began (served, not refused)
         self._aborts: list[_Stream] = []
         self._keys = itertools.count()
         self._stopping = False
@@ -114,6 +115,8 @@ class InProcessEngineClient(EngineClient):
     def drain(self, draining: bool = True) -> None:
         """Refuse new requests (503) and report draining; running ones finish. drain(False) resumes."""
         with self._cond:
+            if draining and not self.loop.draining:  # queued, not yet taken by the loop: in flight, so served
+                self._before_drain = {stream.key for stream in self._pending}
             self.loop.drain(draining)
             self._cond.notify()
 
@@ -193,9 +196,12 @@ class InProcessEngineClient(EngineClient):
                         break
                     pending, self._pending = self._pending, []
                     aborts, self._aborts = self._aborts, []
+                    # taken before any drain: all queued before it; else those drain() found queued
+                    early = self._before_drain if loop.draining else {stream.key for stream in pending}
+                    self._before_drain = set()
                 for stream in pending:
                     self._streams[stream.key] = stream
-                    loop.submit(stream.key, stream.request)
+                    loop.submit(stream.key, stream.request, before_drain=stream.key in early)
                 for stream in aborts:
                     self._streams.pop(stream.key, None)
                     loop.abort(stream.key)

@@ -2,7 +2,8 @@
 
 The embedding masks ids outside its slice and all-reduces; the LM head all-gathers its logits slice. A GGUF-native
 build serves the head from the file's own Q4_0 / Q4_1 / Q8_0 codes on the plan's int matmul (engine/quant/matmul.py);
-an embedding tied to an int8 head dequantizes the rows it looks up from those codes (exactly: q * d, then the dtype).
+an embedding tied to such a head dequantizes the rows it looks up from those codes (exactly as IntWeight.dequantize,
+then the dtype), so no 16-bit table is kept.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.tp_rank * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
-        self.codes: PackedInt | None = None  # tied to an int8 head: rows gathered from its panels (share_codes)
+        self.codes: PackedInt | None = None  # tied to a quantized head: rows gathered from its panels (share_codes)
 
     def weight_loader(self, param: nn.Parameter, loaded: Weight | IntWeight) -> None:
         """A quantized table (GGUF-native) is looked up dequantized: float32, then rounded to the dtype."""
@@ -46,10 +47,10 @@ class VocabParallelEmbedding(nn.Module):
         param.data[rows.shape[0] :].zero_()
 
     def share_codes(self, head: ParallelLMHead) -> bool:
-        """Look rows up in the tied head's int8 codes and drop the 16-bit table; False (the table stays) for int4
-        codes, whose nibble panels are not gathered here."""
+        """Look rows up in the tied head's codes (int8 or int4 panels) and drop the 16-bit table; False where the head
+        is not quantized (or its inputs are permuted)."""
         qm = head.qmatmul
-        if qm is None or qm.bits != 8 or qm.packed.perm is not None or qm.packed.offsets is not None:
+        if qm is None or qm.packed.perm is not None:
             return False
         self.codes, self.lookup_dtype, head.shares_dense_weight = qm.packed, self.weight.dtype, False
         self.weight = head.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
@@ -60,11 +61,20 @@ class VocabParallelEmbedding(nn.Module):
         p = self.codes
         if p is None:
             return F.embedding(ids, self.weight)
-        # codes panels [panels, k/2 pair steps, 16 rows, 2]: row r is panel r // 16, lane r % 16 (csrc/gemm_q.c)
+        # row r is panel r // 16, lane r % 16 (csrc/gemm_q.c); a lane holds its inputs in pairs
         panel, lane = ids // 16, ids % 16
-        q = p.codes.view(torch.int8).view(-1, p.k // 2, 16, 2)[panel, :, lane]  # [..., k/2, 2]
-        s = p.scales[panel, :, lane]  # [..., G] float16
-        w = q.reshape(*ids.shape, -1, p.group_size).float() * s.float().unsqueeze(-1)  # as IntWeight.dequantize
+        if p.bits == 8:  # panels [panels, k/2 pair steps, 16 lanes, 2]
+            q = p.codes.view(torch.int8).view(-1, p.k // 2, 16, 2)[panel, :, lane]  # [..., k/2, 2]
+        else:  # panels [panels, k/8 quads, 16 lanes, 2] uint16: nibble j is pair step 4t + j, inputs 8t + 2j + (0, 1)
+            quads = p.codes.view(torch.int16).view(-1, p.k // 8, 16, 2)[panel, :, lane].int() & 0xFFFF
+            q = torch.stack([(quads >> (4 * j)) & 15 for j in range(4)], dim=-2)  # [..., k/8, 4, 2]
+        q = q.reshape(*ids.shape, -1, p.group_size).float()  # [..., G, group]
+        s = p.scales[panel, :, lane].float().unsqueeze(-1)  # [..., G, 1]
+        offsets = None if p.offsets is None else p.offsets[panel, :, lane].float().unsqueeze(-1)
+        if p.offset_kind == "zero":  # the operations of IntWeight.dequantize_stored, so its values bit for bit
+            w = (q - offsets) * s
+        else:
+            w = q * s if offsets is None else q * s + offsets
         return w.reshape(*ids.shape, p.k).to(self.lookup_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

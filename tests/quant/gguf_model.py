@@ -1,5 +1,5 @@
 """A tiny Llama written as a GGUF file offline: random weights in Q4_0 / Q4_1 / Q8_0 (each type on some layer), the
-embedded default model's tokenizer cut to 1024 tokens, and a tied (token_embd Q8_0) or untied quantized LM head.
+embedded default model's tokenizer cut to 1024 tokens, and an LM head tied to token_embd or untied, quantized.
 Small enough to serve over two tensor-parallel ranks, unlike SmolLM2 (9 heads).
 """
 
@@ -37,8 +37,11 @@ def _tokenizer_fields(vocab: int) -> list[tuple[str, object, list]]:
     return [(name, value, types) for name, (value, types) in fields.items()]
 
 
-def write_tiny_gguf(path: Path, head: GGMLQuantizationType | None, seed: int = 0) -> Path:
-    """Write the model to `path` (a .gguf file); `head`: the untied output.weight's type, None for a tied head."""
+def write_tiny_gguf(
+    path: Path, head: GGMLQuantizationType | None, embd: GGMLQuantizationType = Q.Q8_0, seed: int = 0
+) -> Path:
+    """Write the model to `path` (a .gguf file); `head`: the untied output.weight's type, None for a head tied to
+    token_embd (of type `embd`)."""
     rng = np.random.default_rng(seed)
     fields = _tokenizer_fields(VOCAB)
 
@@ -65,7 +68,7 @@ def write_tiny_gguf(path: Path, head: GGMLQuantizationType | None, seed: int = 0
         else:
             w.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
-    add("token_embd.weight", matrix(VOCAB, HIDDEN, 1.0), Q.Q8_0)
+    add("token_embd.weight", matrix(VOCAB, HIDDEN, 1.0), embd)
     add("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
     if head is not None:
         add("output.weight", matrix(VOCAB, HIDDEN, HIDDEN**-0.5), head)

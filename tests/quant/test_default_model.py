@@ -19,7 +19,7 @@ from engine.quant.report import weight_bytes
 
 pytestmark = pytest.mark.slow
 # mean |logprob| difference over the tokens both pick, pooled over the prompts (a prompt whose answers part after 4
-# tokens weighs 4 tokens): float32-exact weights vs bf16-rounded ones
+# tokens weighs 4 tokens) and per prompt with 8+ common tokens: float32-exact weights vs bf16-rounded ones
 LOGPROB_TOL = 0.06
 
 
@@ -87,6 +87,8 @@ def test_the_default_model_answers_as_in_bf16(pair: tuple[LLM, LLM]) -> None:
                 assert other.token_ids[0] in runner_up, (mine.top_tokens[0], other.token_ids[0])
                 assert mine.logprobs[0] - runner_up[other.token_ids[0]] < NEAR_TIE
             continue
-        diffs.append((torch.tensor(g.logprobs[:n]) - torch.tensor(w.logprobs[:n])).abs())
-    assert torch.cat(diffs).mean() < LOGPROB_TOL, diffs
+        diff = (torch.tensor(g.logprobs[:n]) - torch.tensor(w.logprobs[:n])).abs()
+        assert n < 8 or diff.mean() < LOGPROB_TOL, diff  # a prompt with 8+ common tokens holds on its own too
+        diffs.append(diff)
+    assert diffs and torch.cat(diffs).mean() < LOGPROB_TOL, diffs
     assert common >= 0.5 * sum(len(w.token_ids) for w in want)  # greedy parts only at near-ties

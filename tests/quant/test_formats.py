@@ -151,8 +151,8 @@ def test_cpu_kernel_matches_its_twin(rows: int, amx: bool) -> None:
 
 
 @pytest.mark.skipif(not cpu_kernel.amx_available(), reason="no AMX tiles")
-@pytest.mark.skipif(not cpu_kernel.amx_available(), reason="no AMX tiles")
 def test_amx_tiles_leave_one_and_two_rows_and_int8_to_avx512() -> None:
+    """The tiles take int4 from 3 rows; fewer rows, and int8 at any count, run the AVX-512 kernel."""
     packed = {bits: cpu_kernel.pack(rtn(torch.randn(48, 64), bits, 32)) for bits in (4, 8)}
     before = cpu_kernel.amx_calls()
     for bits, rows in ((4, 1), (4, 2), (8, 3), (8, 16)):
@@ -166,15 +166,16 @@ def test_amx_tiles_leave_one_and_two_rows_and_int8_to_avx512() -> None:
 @pytest.mark.parametrize("rows", [3, 16, 17, 40])
 def test_amx_tiles_agree_with_the_avx512_kernel(rows: int) -> None:
     """int4 on AMX tiles against the AVX-512 kernel on the same packed weight (groups of 32, 64, 128; panels left
-    over from blocks of four; partial last panels; rows beyond one tile): the same float32 sums up to their order."""
+    over from blocks of four; partial last panels; rows beyond one tile, a partial last one zero-padded; strided
+    rows): the same float32 sums up to their order."""
     torch.manual_seed(1)
     for n, k, group in ((37, 128, 32), (200, 192, 64), (96, 384, 128)):
         packed = cpu_kernel.pack(rtn(torch.randn(n, k), 4, group))
-        x = torch.randn(rows, k).bfloat16()
+        x = torch.randn(rows, k + 40).bfloat16()[:, 8 : 8 + k]  # rows k + 40 apart: the tile loads take x's stride
         before = cpu_kernel.amx_calls()
         tiles = cpu_kernel.linear(x, dataclasses.replace(packed, amx=True)).float()
         assert cpu_kernel.amx_calls() == before + 1
-        avx = cpu_kernel.linear(x, packed).float()
+        avx = cpu_kernel.linear(x.contiguous(), packed).float()
         assert cpu_kernel.amx_calls() == before + 1
         torch.testing.assert_close(tiles, avx, atol=1e-2 * avx.abs().max().item() / 8, rtol=8e-3)
 

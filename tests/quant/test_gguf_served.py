@@ -1,6 +1,6 @@
-"""A GGUF file served with its quantization (Q4_0 / Q4_1 / Q8_0 layers; a tied Q8_0 or untied Q4_0 LM head) follows
-transformers loading the same file, and two tensor-parallel ranks give the tokens of one (tests/quant/gguf_model.py
-writes the model)."""
+"""A GGUF file served with its quantization (Q4_0 / Q4_1 / Q8_0 layers; a head tied to a Q8_0 or Q4_1 token_embd, or
+an untied Q4_0 one) follows transformers loading the same file, and two tensor-parallel ranks give the tokens of one
+(tests/quant/gguf_model.py writes the model)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from tests.support.tiny_models import greedy, random_prompt
 PROMPTS = [random_prompt(n, seed, vocab_size=VOCAB) for n, seed in [(5, 51), (23, 52), (40, 53)]]
 NEW = 10
 CONFIG = dict(max_batch_total_tokens=4096)
-HEADS = {"tied": None, "untied_q4_0": GGMLQuantizationType.Q4_0}
-BITS = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4, GGMLQuantizationType.Q8_0: 8}
+Q = GGMLQuantizationType
+HEADS = {"tied_q8_0": (None, Q.Q8_0), "tied_q4_1": (None, Q.Q4_1), "untied_q4_0": (Q.Q4_0, Q.Q8_0)}  # (head, embd)
+BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
 
 
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_gguf")
-    return {name: write_tiny_gguf(root / f"{name}.gguf", head) for name, head in HEADS.items()}
+    return {name: write_tiny_gguf(root / f"{name}.gguf", head, embd) for name, (head, embd) in HEADS.items()}
 
 
 def _reference(path: Path) -> PreTrainedModel:
@@ -62,8 +63,16 @@ def test_served_gguf_follows_transformers(head: str, gguf_files: dict[str, Path]
         for layer, (attn, mlp) in zip(model.model.layers, LAYER_TYPES):
             assert layer.self_attn.qkv_proj.qmatmul.bits == BITS[attn]
             assert layer.mlp.down_proj.qmatmul.bits == BITS[mlp]
-        assert model.lm_head.qmatmul.bits == (8 if HEADS[head] is None else BITS[HEADS[head]])
-        for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, greedy(NEW))):
+        head_type, embd_type = HEADS[head]
+        assert model.lm_head.qmatmul.bits == BITS[head_type or embd_type]
+        tied, embedding = head_type is None, model.model.embed_tokens
+        # tied: rows looked up in the head's codes, no 16-bit table; untied: token_embd dequantized to a table
+        assert (embedding.codes is not None) == tied and (embedding.weight.numel() == 0) == tied
+        before = cpu_kernel.amx_calls()
+        outs = llm.generate(PROMPTS, greedy(NEW))
+        # the plan's cpu_amx reaches the kernel: prefill rows (3+) of the int4 layers ran on tiles
+        assert (cpu_kernel.amx_calls() > before) == cpu_kernel.amx_available()
+        for prompt, out in zip(PROMPTS, outs):
             assert (torch.tensor(out.logprobs) - _chosen(ref, prompt, out.token_ids)).abs().mean() < 0.08
 
 

@@ -110,10 +110,10 @@ def _stream(model: torch.nn.Module, matrices: dict[str, IntWeight]):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("tied", "type_name"), [(True, "Q8_0"), (True, "Q4_0"), (False, "Q4_1")])
+@pytest.mark.parametrize(("tied", "type_name"), [(True, "Q8_0"), (True, "Q4_0"), (True, "Q4_1"), (False, "Q4_1")])
 def test_a_gguf_native_llama_serves_its_head_quantized(tied: bool, type_name: str) -> None:
-    """Tied: token_embd's codes serve the head; the embedding looks rows up in int8 codes, or in the bf16 rounding
-    of int4 ones (a table kept). Untied: output's codes serve the head."""
+    """Tied: token_embd's codes serve the head and the embedding looks its rows up in them (int8 or int4 panels,
+    offsets and zero points; no 16-bit table kept). Untied: output's codes serve the head."""
     iw, ref = _gguf(type_name, seed=4)
     model = _llama(tied, "cpu_kernel")
     model.load_weights(_stream(model, {"model.embed_tokens.weight" if tied else "lm_head.weight": iw}))
@@ -123,7 +123,7 @@ def test_a_gguf_native_llama_serves_its_head_quantized(tied: bool, type_name: st
     assert torch.equal(head.qmatmul.dequantize(), ref)
     if tied:
         assert head.weight is embedding.weight
-        assert (embedding.weight.numel() == 0) == (type_name == "Q8_0")  # int8: no 16-bit table kept
+        assert embedding.weight.numel() == 0 and embedding.codes is head.qmatmul.packed  # no 16-bit table kept
         ids = torch.tensor([[0, 7, 100], [3, 3, 50]])
         assert torch.equal(embedding(ids), ref.bfloat16()[ids])  # today's bf16 table, bit for bit
     else:
@@ -135,9 +135,10 @@ def test_a_gguf_native_llama_serves_its_head_quantized(tied: bool, type_name: st
 
 
 @needs_kernel
-def test_an_int8_tied_embedding_gathers_its_rows_on_two_ranks() -> None:
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_a_tied_embedding_gathers_its_rows_on_two_ranks(type_name: str) -> None:
     """Each rank's embedding looks its ids up in its own slice of the head's codes."""
-    iw, ref = _gguf("Q8_0")
+    iw, ref = _gguf(type_name)
     ids = torch.tensor([0, 50, 51, 100])
     for rank in range(2):
         head = _head("cpu_kernel", ParallelState(rank, 2))
@@ -158,10 +159,11 @@ class _NoReduce:
 
 
 @needs_kernel
-def test_two_ranks_embed_every_id_from_the_codes() -> None:
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1"])
+def test_two_ranks_embed_every_id_from_the_codes(type_name: str) -> None:
     """forward on each rank (ids outside its slice masked to zero rows) summed over the ranks, as the all-reduce
     does: every id, the last rank's last real row included, is its dequantized row."""
-    iw, ref = _gguf("Q8_0")
+    iw, ref = _gguf(type_name)
     ids = torch.arange(VOCAB).flip(0).reshape(-1, 1)  # [VOCAB, 1]: any leading shape
     total = torch.zeros(VOCAB, 1, HIDDEN, dtype=torch.bfloat16)
     for rank in range(2):

@@ -113,6 +113,51 @@ def test_health_while_the_engine_is_stuck_in_a_step_and_draining(
     assert api.get("/ping").status_code == 200
 
 
+def test_a_request_queued_before_the_drain_is_served(
+    serve_env: Served, api: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the engine loop has not taken yet when the drain begins (the loop busy in a step) is in flight:
+    it is served, not refused; one sent after the drain is refused (503)."""
+    held, real_step = threading.Event(), serve_env.engine.step
+    stepping = threading.Event()
+
+    def held_step() -> list:
+        stepping.set()
+        held.wait(10)
+        return real_step()
+
+    monkeypatch.setattr(serve_env.engine, "step", held_step)
+    results: list[int] = []
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+
+    def post() -> None:
+        results.append(api.post("/generate", json=body).status_code)
+
+    first, queued = threading.Thread(target=post), threading.Thread(target=post)
+    try:
+        first.start()
+        assert stepping.wait(10)  # the loop is inside a step with the first request
+        queued.start()
+        deadline = time.monotonic() + 10
+        while serve_env.client.num_in_flight < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert serve_env.client.num_in_flight == 2  # the second waits in the queue the loop reads between steps
+        serve_env.client.drain()
+        assert api.post("/generate", json=body).status_code == 503
+        held.set()
+        first.join(10)
+        queued.join(10)
+        assert results == [200, 200]
+    finally:
+        held.set()
+        serve_env.client.drain(False)
+        first.join(10)
+        queued.join(10)
+    deadline = time.monotonic() + 5
+    while serve_env.client.stats().draining and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.01)
+
+
 def test_info(api: FlaskClient, serve_env: Served) -> None:
     info = api.get("/info").json
     assert info["model_id"] == "tiny-llama"

@@ -24,8 +24,9 @@ typedef struct __attribute__((packed)) {
 /* 1 where this process may use AMX tiles (Linux: ARCH_REQ_XCOMP_PERM for XTILEDATA), else 0; asked once */
 int gemm_q_amx_init(void) {
     static int granted = -1; /* racing first calls both ask: the answer is the same */
-    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return granted;
+    int g = __atomic_load_n(&granted, __ATOMIC_RELAXED);
+    if (g < 0) __atomic_store_n(&granted, g = syscall(SYS_arch_prctl, 0x1023, 18) == 0, __ATOMIC_RELAXED);
+    return g;
 }
 
 static void amx_configure(int mr) { /* per thread: the tile configuration is thread state */
@@ -39,25 +40,30 @@ static void amx_configure(int mr) { /* per thread: the tile configuration is thr
     _tile_loadconfig(&c);
 }
 
-/* Decode 32 inputs (16 pair steps, 4 quads) of panel J into b, load it as B tile T, add A x B to C tile C (J + 3;
- * tile numbers are literal tokens in the intrinsics) */
+/* B tile T for 32 inputs (16 pair steps, 4 quads) of panel J, added as A x B to C tile C (J + 3; tile numbers are
+ * literal tokens in the intrinsics): decoded into buf, or into dec (fill), or read back from dec (decoded by an
+ * earlier row block) */
 #define AMX_PANEL(J, T, C)                                                                                         \
     if (nr > (J)) {                                                                                             \
-        const uint8_t *q = codes + (J) * panel_bytes + 16 * (k0 / 2);                                           \
-        vp *b = buf[(J) & 1];                                                                                   \
-        for (int qd = 0; qd < 4; qd++) {                                                                        \
-            if (pfn > (J)) __builtin_prefetch(q + nr * panel_bytes + 64 * qd, 0, PF4_LOCALITY);                 \
-            const __m512i v = load_quad(q + 64 * qd);                                                           \
-            for (int s = 0; s < 4; s++) b[4 * qd + s] = decode4(v, s);                                          \
+        vp *b = dec ? dec + ((J) * (K / 32) + k0 / 32) * 16 : buf[(J) & 1];                                     \
+        if (!dec || fill) {                                                                                     \
+            const uint8_t *q = codes + (J) * panel_bytes + 16 * (k0 / 2);                                       \
+            for (int qd = 0; qd < 4; qd++) {                                                                    \
+                if (pfn > (J)) __builtin_prefetch(q + nr * panel_bytes + 64 * qd, 0, PF4_LOCALITY);             \
+                const __m512i v = load_quad(q + 64 * qd);                                                       \
+                for (int s = 0; s < 4; s++) b[4 * qd + s] = decode4(v, s);                                      \
+            }                                                                                                   \
         }                                                                                                       \
         BARRIER();                                                                                              \
         _tile_loadd(T, b, 64);                                                                                  \
         _tile_dpbf16ps(C, 0, T);                                                                                \
     }
 
-/* mr (<= 16) rows x nr (<= 4) panels of y, as tile_kernel; the caller has configured the tiles for mr rows */
+/* mr (<= 16) rows x nr (<= 4) panels of y, as tile_kernel; the caller has configured the tiles for mr rows, or for
+ * 16 with x zero-padded (the C rows past mr are not read). dec:
+ * NULL, or the panel block's decoded B tiles [nr][K / 32][16 pair steps] (fill: decode them now, else reuse) */
 static void amx_tile(const bf16 *x, int64_t xs, const float *xsum, int mr, const QWeight *w, int64_t p, int nr,
-                     int pfn, const bf16 *bias, bf16 *y, int64_t ys, int lanes) {
+                     int pfn, vp *dec, int fill, const bf16 *bias, bf16 *y, int64_t ys, int lanes) {
     const int64_t K = w->K, G = w->G, panel_bytes = K * 8;
     const uint8_t *codes = w->codes + p * panel_bytes;
     vp buf[2][16] __attribute__((aligned(64))); /* B tiles being decoded: [pair step][16 outputs x 2 inputs] */
@@ -104,6 +110,18 @@ static void amx_tile(const bf16 *x, int64_t xs, const float *xsum, int mr, const
 /* Panels p0..p1 of y in blocks of AMX_NR panels x AMX_MR rows (as avx_panels; the tiles configured per row count) */
 static void amx_panels(const bf16 *x, int64_t xs, const float *xsum, const QWeight *w, int64_t M, int64_t N,
                        int64_t p0, int64_t p1, const bf16 *bias, bf16 *y, int64_t ys) {
+    if (p0 >= p1) return;
+    const int64_t K = w->K, tail = M > AMX_MR ? M % AMX_MR : 0;
+    /* More than one row block: the tiles stay configured for 16 rows, a last partial block reading its rows from
+     * xpad, zero-padded to 16; each panel block is decoded once, by its first row block, into dec for the others
+     * (1 KiB per 32 inputs per panel; about a tenth off at 17-32 rows). Where an allocation fails, rows are configured
+     * per block and every block decodes again. */
+    vp *dec = M > AMX_MR ? aligned_alloc(64, (size_t)(AMX_NR * K * 32)) : NULL;
+    bf16 *xpad = tail ? aligned_alloc(64, (size_t)(AMX_MR * K * 2)) : NULL;
+    if (xpad) {
+        memset(xpad, 0, (size_t)(AMX_MR * K * 2));
+        for (int64_t a = 0; a < tail; a++) memcpy(xpad + a * K, x + (M - tail + a) * xs, (size_t)(K * 2));
+    }
     int configured = 0; /* rows the tiles are configured for */
     for (int64_t p = p0; p < p1; p += AMX_NR) {
         const int nr = (int)(p1 - p < AMX_NR ? p1 - p : AMX_NR);
@@ -113,12 +131,15 @@ static void amx_panels(const bf16 *x, int64_t xs, const float *xsum, const QWeig
         const int last = N - n0 - LANES * (nr - 1) < LANES ? (int)(N - n0 - LANES * (nr - 1)) : LANES;
         for (int64_t r = 0; r < M; r += AMX_MR) {
             const int mr = (int)(M - r < AMX_MR ? M - r : AMX_MR);
-            if (mr != configured) amx_configure(mr), configured = mr;
-            amx_tile(x + r * xs, xs, xsum + r * w->G, mr, w, p, nr, r == 0 ? pfn : 0, bias ? bias + n0 : 0,
-                     y + r * ys + n0, ys, last);
+            const int padded = mr < AMX_MR && xpad != NULL, rows = padded ? AMX_MR : mr;
+            if (rows != configured) amx_configure(rows), configured = rows;
+            amx_tile(padded ? xpad : x + r * xs, padded ? K : xs, xsum + r * w->G, mr, w, p, nr, r == 0 ? pfn : 0,
+                     dec, r == 0, bias ? bias + n0 : 0, y + r * ys + n0, ys, last);
         }
     }
     if (configured) _tile_release();
+    free(dec);
+    free(xpad);
 }
 #define AMX_BUILT 1
 #else

@@ -68,7 +68,7 @@ class VocabParallelEmbedding(nn.Module):
         else:  # panels [panels, k/8 quads, 16 lanes, 2] uint16: nibble j is pair step 4t + j, inputs 8t + 2j + (0, 1)
             quads = p.codes.view(torch.int16).view(-1, p.k // 8, 16, 2)[panel, :, lane].int() & 0xFFFF
             q = torch.stack([(quads >> (4 * j)) & 15 for j in range(4)], dim=-2)  # [..., k/8, 4, 2]
-        q = q.reshape(*ids.shape, -1, p.group_size).float()  # [..., G, group]
+        q = q.reshape(*ids.shape, p.k // p.group_size, p.group_size).float()  # [..., G, group]
         s = p.scales[panel, :, lane].float().unsqueeze(-1)  # [..., G, 1]
         offsets = None if p.offsets is None else p.offsets[panel, :, lane].float().unsqueeze(-1)
         if p.offset_kind == "zero":  # the operations of IntWeight.dequantize_stored, so its values bit for bit

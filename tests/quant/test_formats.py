@@ -166,10 +166,11 @@ def test_amx_tiles_leave_one_and_two_rows_and_int8_to_avx512() -> None:
 @pytest.mark.parametrize("rows", [3, 16, 17, 40])
 def test_amx_tiles_agree_with_the_avx512_kernel(rows: int) -> None:
     """int4 on AMX tiles against the AVX-512 kernel on the same packed weight (groups of 32, 64, 128; panels left
-    over from blocks of four; partial last panels; rows beyond one tile, a partial last one zero-padded; strided
-    rows): the same float32 sums up to their order."""
+    over from blocks of four; partial last panels; rows beyond one tile, a partial last one zero-padded, decoded tiles
+    reused or (wide K) decoded again; strided rows): the same float32 sums up to their order."""
     torch.manual_seed(1)
-    for n, k, group in ((37, 128, 32), (200, 192, 64), (96, 384, 128)):
+    # 4160 inputs: past DEC_MAX (csrc/gemm_q_amx.h), so later row blocks decode again instead of reusing tiles
+    for n, k, group in ((37, 128, 32), (200, 192, 64), (96, 384, 128), (40, 4160, 64)):
         packed = cpu_kernel.pack(rtn(torch.randn(n, k), 4, group))
         x = torch.randn(rows, k + 40).bfloat16()[:, 8 : 8 + k]  # rows k + 40 apart: the tile loads take x's stride
         before = cpu_kernel.amx_calls()

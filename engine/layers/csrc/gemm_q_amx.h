@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #define AMX_MR 16 /* rows of x per A tile */
+#define DEC_MAX (512 * 1024) /* bytes of decoded B tiles kept per thread (K <= 4096) */
 /* Fewer rows stay on AVX-512: decoding into a tile and reading it back costs more than vdpbf16ps saves at 1-2 rows */
 #define AMX_MIN_ROWS 3
 #define AMX_NR 4  /* panels per block: C tiles 3..6 (A is tile 0, B tiles 1 and 2) */
@@ -113,10 +114,11 @@ static void amx_panels(const bf16 *x, int64_t xs, const float *xsum, const QWeig
     if (p0 >= p1) return;
     const int64_t K = w->K, tail = M > AMX_MR ? M % AMX_MR : 0;
     /* More than one row block: the tiles stay configured for 16 rows, a last partial block reading its rows from
-     * xpad, zero-padded to 16; each panel block is decoded once, by its first row block, into dec for the others
-     * (1 KiB per 32 inputs per panel; about a tenth off at 17-32 rows). Where an allocation fails, rows are configured
-     * per block and every block decodes again. */
-    vp *dec = M > AMX_MR ? aligned_alloc(64, (size_t)(AMX_NR * K * 32)) : NULL;
+     * xpad, zero-padded to 16 (where that allocation fails, the tiles are configured per block); each panel block is
+     * decoded once, by its first row block, into dec for the others (1 KiB per 32 inputs per panel; about a tenth
+     * off at 17-32 rows), where dec stays in L2 (DEC_MAX); past that, or where it cannot be allocated, every row block
+     * decodes again (reading 4x the bytes back from beyond L2 cost more than the decode: 1.3-1.8x at K = 11008). */
+    vp *dec = M > AMX_MR && AMX_NR * K * 32 <= DEC_MAX ? aligned_alloc(64, (size_t)(AMX_NR * K * 32)) : NULL;
     bf16 *xpad = tail ? aligned_alloc(64, (size_t)(AMX_MR * K * 2)) : NULL;
     if (xpad) {
         memset(xpad, 0, (size_t)(AMX_MR * K * 2));

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig
 from engine.layers import cpu_attention_kernels, cpu_fused_ops, cpu_gemm
+from engine.quant import cpu_kernel
 from engine.quant.config import QuantConfig
 
 # Layer options (see layers/attention.py) each backend computes; the twin (and the CPU backends through it) all.
@@ -135,8 +136,6 @@ def _requested_attention(
 
 def resolve_quant_kernel(config: EngineConfig, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The matmul of the quantized layers (engine/quant/matmul.py): its kernel, else the dequantizing twin."""
-    from engine.quant import cpu_kernel
-
     if not config.quant_kernel:
         return "twin"
     if quant.method.startswith("bitsandbytes"):
@@ -170,7 +169,7 @@ def resolve_plan(
     gemm = cpu_gemm.preferred(config.cpu_gemm) if on_cpu else None
     # the decoder stack runs the bf16 GEMM kernel's weights, or the int kernel's (engine/quant); it steps aside for
     # other quantized matmuls
-    on_kernel = bool(gemm) if quant == "none" else quant.endswith((" on cpu_kernel", " on cpu_amx"))
+    on_kernel = bool(gemm) if quant == "none" else quant.rsplit(" on ", 1)[-1] in cpu_kernel.KERNELS
     stack = attention == "cpu_paired" and fused and on_kernel and config.cpu_decoder_stack
     graphs: tuple[int, ...] = ()
     # bitsandbytes' LLM.int8 finds its outlier columns per call (a host sync): no graph captures it

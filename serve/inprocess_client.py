@@ -196,12 +196,12 @@ class InProcessEngineClient(EngineClient):
                         break
                     pending, self._pending = self._pending, []
                     aborts, self._aborts = self._aborts, []
-                    # taken before any drain: all queued before it; else those drain() found queued
-                    early = self._before_drain if loop.draining else {stream.key for stream in pending}
+                    # draining: only those drain() found queued were queued before it (None: not draining, all)
+                    early = self._before_drain if loop.draining else None
                     self._before_drain = set()
                 for stream in pending:
                     self._streams[stream.key] = stream
-                    loop.submit(stream.key, stream.request, before_drain=stream.key in early)
+                    loop.submit(stream.key, stream.request, before_drain=early is None or stream.key in early)
                 for stream in aborts:
                     self._streams.pop(stream.key, None)
                     loop.abort(stream.key)

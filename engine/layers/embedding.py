@@ -15,13 +15,14 @@ from torch import nn
 from engine.layers.cpu_gemm import PackedWeight
 from engine.layers.cpu_packing import pack_weight, packed_linear
 from engine.parallel import get_parallel_state
+from engine.quant import cpu_kernel
 from engine.quant.cpu_kernel import PackedInt
 from engine.quant.int_weight import IntWeight, concat_outputs
 from engine.quant.layer import current_build
 from engine.quant.matmul import IntMatmul
 from engine.weight_slice import Weight, materialize, narrow_clamped
 
-INT_KERNELS = ("cpu_kernel", "cpu_amx", "triton", "twin")  # the plan's matmuls for IntWeight (engine/plan.py)
+INT_KERNELS = (*cpu_kernel.KERNELS, "triton", "twin")  # the plan's matmuls for IntWeight (engine/plan.py)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -100,7 +101,7 @@ def _pad_rows(w: IntWeight, rows: int) -> IntWeight:
 
 class ParallelLMHead(VocabParallelEmbedding):
     packed: torch.Tensor | PackedWeight | None = None
-    shares_dense_weight = False  # quantized, while its 16-bit weight stays for the tied embedding's lookups (int4)
+    shares_dense_weight = False  # quantized, while its 16-bit weight stays for a tied embedding that kept its table
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__(vocab_size, hidden_size)

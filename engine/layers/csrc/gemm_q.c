@@ -22,12 +22,7 @@
 #define NR8 2   /* int8: panels per register block (rows > 1) */
 #define NR8_1 8 /* int8: panels per register block of a single row (more weight streams in flight) */
 #define PF8 512 /* int8: prefetch distance in bytes of each panel's codes */
-#ifndef PF4
-#define PF4 1 /* int4: prefetch the next panel block while this one runs */
-#endif
-#ifndef PF4_LOCALITY
-#define PF4_LOCALITY 2
-#endif
+#define PF4_LOCALITY 2 /* int4: the next panel block's codes are prefetched into L2 while this one runs */
 #define PARALLEL_MIN_MACS 65536
 
 typedef uint16_t f16;
@@ -250,7 +245,7 @@ static void avx_panels(const bf16 *x, int64_t xs, const float *xf, const float *
     for (int64_t p = p0; p < p1; p += step) {
         const int nr = (int)(p1 - p < step ? p1 - p : step);
         const int64_t ahead = p1 - (p + nr); /* the next block's panels in this thread's range */
-        const int pfn = PF4 ? (int)(ahead < nr ? ahead : nr) : 0;
+        const int pfn = (int)(ahead < nr ? ahead : nr);
         const int64_t n0 = LANES * p;
         const int last = N - n0 - LANES * (nr - 1) < LANES ? (int)(N - n0 - LANES * (nr - 1)) : LANES;
         const bf16 *b = bias ? bias + n0 : 0;

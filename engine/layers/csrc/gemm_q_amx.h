@@ -128,7 +128,7 @@ static void amx_panels(const bf16 *x, int64_t xs, const float *xsum, const QWeig
     for (int64_t p = p0; p < p1; p += AMX_NR) {
         const int nr = (int)(p1 - p < AMX_NR ? p1 - p : AMX_NR);
         const int64_t ahead = p1 - (p + nr);
-        const int pfn = PF4 ? (int)(ahead < nr ? ahead : nr) : 0;
+        const int pfn = (int)(ahead < nr ? ahead : nr);
         const int64_t n0 = LANES * p;
         const int last = N - n0 - LANES * (nr - 1) < LANES ? (int)(N - n0 - LANES * (nr - 1)) : LANES;
         for (int64_t r = 0; r < M; r += AMX_MR) {
